@@ -1,0 +1,41 @@
+"""Stage 2: DETR-style detection on a PVT backbone (model, matcher, losses, COCO data and evaluation).
+
+    from pvt_dist.detection import build_detr, DETRConfig, build_criterion, LossConfig, PostProcess
+    model = build_detr(DETRConfig(num_classes=20))
+    outputs = model(images, mask)   # {'pred_logits': [B,Q,K+1], 'pred_boxes': [B,Q,4], 'aux_outputs': [...]}
+    losses = criterion(outputs, targets); loss = criterion.total(losses)
+
+Training goes through the stage-1 DeepSpeed engine (``trainer.DetrTrainer``, ``launch/finetune_detr.py``).
+"""
+
+from .backbone import Backbone, BackboneConfig, build_backbone
+from .coco_eval import CocoEvaluator, coco_from_dict
+from .criterion import LossConfig, SetCriterion, build_criterion, build_weight_dict
+from .detr import DETR, DETRConfig, build_detr
+from .matcher import HungarianMatcher, build_matcher
+from .postprocess import PostProcess
+from .targets import CocoAnnotations, validate_coco_dataset
+from .transformer import Transformer, TransformerConfig, build_transformer
+
+__all__ = [
+    "DETR",
+    "Backbone",
+    "BackboneConfig",
+    "CocoAnnotations",
+    "CocoEvaluator",
+    "DETRConfig",
+    "HungarianMatcher",
+    "LossConfig",
+    "PostProcess",
+    "SetCriterion",
+    "Transformer",
+    "TransformerConfig",
+    "build_backbone",
+    "build_criterion",
+    "build_detr",
+    "build_matcher",
+    "build_transformer",
+    "build_weight_dict",
+    "coco_from_dict",
+    "validate_coco_dataset",
+]

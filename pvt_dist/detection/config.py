@@ -1,0 +1,174 @@
+"""Typed configuration of a DETR fine-tuning run (``configs/detr/*.yaml``).
+
+Sections shared with stage 1 (``deepspeed``, ``eval``, ``checkpoint``, ``logging``, ``dist``) are the
+stage-1 dataclasses, so both stages launch, checkpoint and log the same way. Loading follows stage 1:
+defaults < YAML (with ``_base_`` includes) < dotted ``key=value`` overrides; errors name the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from pvt_dist.config import (
+    CheckpointConfig,
+    ConfigError,
+    DeepSpeedOptions,
+    DistConfig,
+    EvalConfig,
+    LoggingConfig,
+    _from_dict,
+    _read_yaml,
+    resolve_batch,
+)
+
+from .criterion import LossConfig
+from .data import DetectionDataConfig
+from .detr import DETRConfig
+from .targets import CocoAnnotations
+
+
+@dataclass
+class DetrOptimConfig:
+    """AdamW with a smaller learning rate for the pretrained backbone (DETR recipe)."""
+
+    lr: float = 1e-4
+    """Learning rate of the transformer, projections and heads."""
+    backbone_lr: float = 1e-5
+    """Learning rate of the PVT backbone."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay (all parameters, as in DETR)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+
+@dataclass
+class DetrScheduleConfig:
+    """Length of training and the step decay of the learning rate."""
+
+    epochs: float = 50
+    """Training length in epochs of the train split (ignored when total_steps is set)."""
+    total_steps: int | None = None
+    """Training length in optimizer steps."""
+    steps_per_epoch: int | None = None
+    """Override of the optimizer steps per epoch (default: micro batches per rank / grad_accum)."""
+    lr_drop_epoch: float = 33
+    """Epoch from which both learning rates are multiplied by lr_drop_factor (the PVT paper: 33 of 50)."""
+    lr_drop_step: int | None = None
+    """The same in optimizer steps; wins over lr_drop_epoch."""
+    lr_drop_factor: float = 0.1
+    """Multiplier applied at the drop."""
+
+
+@dataclass
+class DetrTrainConfig:
+    """A DETR fine-tuning run on a PVT backbone."""
+
+    run_dir: str = "runs/detr"
+    """Checkpoints, TensorBoard events, metrics.jsonl, config.yaml and the detector export go here."""
+    seed: int = 0
+    """Seed of weights init, augmentation and dropout."""
+    model: DETRConfig = field(default_factory=DETRConfig)
+    """Backbone, transformer and heads (model.num_classes is taken from the annotation file when null)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Matcher costs and loss weights."""
+    data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
+    """COCO-format splits and augmentation."""
+    optim: DetrOptimConfig = field(default_factory=DetrOptimConfig)
+    """Optimizer."""
+    schedule: DetrScheduleConfig = field(default_factory=DetrScheduleConfig)
+    """Training length and lr drop."""
+    deepspeed: DeepSpeedOptions = field(
+        default_factory=lambda: DeepSpeedOptions(micro_batch=2, grad_clip=0.1)
+    )
+    """ZeRO stage, precision, batch triple, gradient clipping (DETR: 0.1)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """When to run COCO evaluation."""
+    eval_micro_batch: int | None = None
+    """Images per rank per evaluation forward (default: deepspeed.micro_batch). Padding to the largest image
+    of a batch changes a DETR's output, so evaluate with the batch it was trained with, or 1."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence, retention and resume."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Console/TensorBoard logging."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Process group settings."""
+    export: str = "detector.pth"
+    """File (relative to run_dir) the final detector is exported to for detect.py / evaluate_detr.py."""
+    vis_images: int = 2
+    """Validation images drawn with predicted and ground-truth boxes into TensorBoard at each evaluation."""
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-3)")
+    key, raw = item.split("=", 1)
+    key = key.strip().removeprefix("--")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node, cls = data, DetrTrainConfig
+    for i, part in enumerate(parts):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise ConfigError(
+                f"{'.'.join(parts[: i + 1])}: unknown key (valid keys: {', '.join(sorted(fields))})"
+            )
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {key}")
+        node = node.setdefault(part, {})
+
+
+def load_detr_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DetrTrainConfig:
+    """Defaults, then the YAML file, then ``key=value`` overrides."""
+    data = _read_yaml(path) if path else {}
+    for item in overrides:
+        _apply_override(data, item)
+    return _from_dict(DetrTrainConfig, data, "")
+
+
+def resolve_detr_config(cfg: DetrTrainConfig, world_size: int) -> DetrTrainConfig:
+    """Derive the batch triple and check every section; errors start with the offending key."""
+    cfg = copy.deepcopy(cfg)
+    try:
+        cfg.data.validate()
+        ann = CocoAnnotations(cfg.data.train_ann, cfg.data.train_images)  # bad ground truth fails here
+        if cfg.model.num_classes is None:
+            cfg.model.num_classes = ann.num_classes
+        elif cfg.model.num_classes < ann.num_classes:
+            raise ValueError(
+                f"model.num_classes: {cfg.model.num_classes} < {ann.num_classes} categories in "
+                f"{cfg.data.train_ann}"
+            )
+        cfg.model.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    ds = cfg.deepspeed
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {ds.zero_stage}")
+    if ds.grad_clip is not None and ds.grad_clip <= 0:
+        raise ConfigError(f"deepspeed.grad_clip: must be > 0 or null, got {ds.grad_clip}")
+    ds.global_batch, ds.micro_batch, ds.grad_accum = resolve_batch(ds, world_size)
+    o, s = cfg.optim, cfg.schedule
+    for key, v in (("optim.lr", o.lr), ("optim.backbone_lr", o.backbone_lr)):
+        if v < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {v}")
+    if not 0 < s.lr_drop_factor <= 1:
+        raise ConfigError(f"schedule.lr_drop_factor: must be in (0, 1], got {s.lr_drop_factor}")
+    if cfg.eval_micro_batch is not None and cfg.eval_micro_batch < 1:
+        raise ConfigError(f"eval_micro_batch: must be >= 1, got {cfg.eval_micro_batch}")
+    if not cfg.run_dir:
+        raise ConfigError("run_dir: must not be empty")
+    return cfg

@@ -1,0 +1,303 @@
+"""DETR fine-tuning on the stage-1 DeepSpeed engine.
+
+``DetrTrainer`` reuses stage 1's ``Trainer`` loop unchanged (step boundaries, preemption stop, global loss
+all-reduce with the non-finite verdict, checkpoint/eval cadence, console and TensorBoard logging,
+``CheckpointManager`` saves and exact resume through ``DataStream``). It swaps in the detection pieces:
+the DETR model with two learning rates (backbone / rest), the set criterion, the COCO data loaders, a
+step-decay schedule and COCO evaluation with drawn boxes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from pvt_dist import distributed as pdist
+from pvt_dist.config import dump_config, to_dict
+from pvt_dist.distributed import DistEnv
+from pvt_dist.engine.checkpoint import CheckpointManager, check_writable
+from pvt_dist.engine.cpu_bf16 import fp32_gemm, use_fp32_gemm
+from pvt_dist.engine.ds_config import build_deepspeed_config
+from pvt_dist.engine.logger import MetricLogger
+from pvt_dist.engine.trainer import DTYPES, DataStream, Trainer, seed_all, set_rng_state
+
+from .config import DetrTrainConfig
+from .criterion import build_criterion
+from .data import build_detection_loader
+from .detr import build_detr
+from .draw import denormalize, draw_detections
+from .evaluate import evaluate_coco
+from .export import save_detector
+
+log = logging.getLogger("pvt_dist.detr")
+
+
+class StepDecay:
+    """Each group's base lr times ``factor`` from ``drop_step`` on: a pure function of the step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, drop_step: int, factor: float):
+        self.optimizer = optimizer
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.drop_step, self.factor = drop_step, factor
+
+    def lr_at(self, step: int) -> list[float]:
+        scale = self.factor if step >= self.drop_step else 1.0
+        return [lr * scale for lr in self.base_lrs]
+
+    def step_update(self, step: int) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self.lr_at(step)):
+            group["lr"] = lr
+
+
+class DetrTrainer(Trainer):
+    """``DetrTrainer(cfg, env, device, preemption).train()`` -> result dict with the COCO APs."""
+
+    def __init__(self, cfg: DetrTrainConfig, env: DistEnv, device: torch.device, preemption=None):
+        # Trainer.__init__ builds stage 1's classifier and data; the attributes its loop reads are set here.
+        import deepspeed
+
+        self.t_start = time.perf_counter()
+        self.cfg, self.env, self.device = cfg, env, device
+        self.preemption = preemption
+        self.rank, self.world = env.rank, env.world_size
+        self.dtype = DTYPES[cfg.deepspeed.precision]
+        self.fp32_gemm = use_fp32_gemm(cfg.deepspeed.precision, device, cfg.deepspeed.cpu_bf16_math)
+        self.run_dir = os.path.abspath(cfg.run_dir)
+        self.ckpt = CheckpointManager(
+            os.path.join(self.run_dir, "checkpoints"), self.rank, self.world, cfg.checkpoint.keep_last
+        )
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+        pdist.barrier()
+        check_writable(self.ckpt.dir, self.rank)
+        resume_tag = self.ckpt.latest() if cfg.checkpoint.resume else None
+        if self.rank == 0:
+            dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+
+        ds = cfg.deepspeed
+        self.train_loader = build_detection_loader(
+            cfg.data, "train", self.rank, self.world, cfg.seed, ds.micro_batch, device
+        )
+        self.val_loader = build_detection_loader(
+            cfg.data, "val", self.rank, self.world, cfg.seed, cfg.eval_micro_batch or ds.micro_batch, device
+        )
+        self.annotations = self.train_loader.annotations
+        if self.val_loader.annotations.label_to_cat != self.annotations.label_to_cat:
+            raise ValueError(
+                f"data.val_ann: categories {self.val_loader.annotations.label_to_cat} differ from train's "
+                f"{self.annotations.label_to_cat}"
+            )
+        self.mixup = None
+        s = cfg.schedule
+        self.steps_per_epoch = s.steps_per_epoch or max(
+            1, self.train_loader.batches_per_epoch // ds.grad_accum
+        )
+        self.total_steps = s.total_steps or max(1, round(s.epochs * self.steps_per_epoch))
+        drop_step = (
+            s.lr_drop_step if s.lr_drop_step is not None else round(s.lr_drop_epoch * self.steps_per_epoch)
+        )
+
+        seed_all(cfg.seed)  # identical initial weights on every rank
+        model_cfg = cfg.model
+        if resume_tag is not None and model_cfg.backbone.pretrained:
+            model_cfg = to_model_cfg_without_pretrained(model_cfg)  # the checkpoint holds the weights
+        model = build_detr(model_cfg)
+        self.criterion = build_criterion(
+            cfg.loss, model_cfg.num_classes, model_cfg.transformer.num_decoder_layers, model_cfg.aux_loss
+        ).to(device)
+        self.ema = None
+        seed_all(cfg.seed + 1000 * self.rank)  # per-rank stream for dropout / drop-path
+
+        o = cfg.optim
+        groups = model.param_groups()
+        param_groups = [
+            # "rest" first: the engine's logged lr is group 0's.
+            {"params": [p for _, p in groups["rest"]], "lr": o.lr, "name": "rest"},
+            {"params": [p for _, p in groups["backbone"]], "lr": o.backbone_lr, "name": "backbone"},
+        ]
+        param_groups = [g for g in param_groups if g["params"]]  # a frozen backbone has none
+        optimizer = torch.optim.AdamW(
+            param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        )
+        ds_config = build_deepspeed_config(cfg)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.scheduler = StepDecay(optimizer, drop_step, s.lr_drop_factor)
+
+        self.step = 0
+        data_epoch, loader_state = 0, None
+        if resume_tag is not None:
+            _client, rank_state, meta = self.ckpt.load(self.engine, resume_tag)
+            self.step = int(meta["step"])
+            set_rng_state(rank_state["rng"])
+            data_epoch, loader_state = rank_state["data"]["epoch"], rank_state["data"]["loader"]
+            log.info("resumed from %s at step %d", os.path.join(self.ckpt.dir, resume_tag), self.step)
+        self.stream = DataStream(self.train_loader, data_epoch, loader_state)
+        self.last_saved = self.step if resume_tag is not None else -1
+        self.logger = MetricLogger(
+            self.run_dir, self.rank == 0, cfg.logging.tensorboard, self.step, self.total_steps
+        )
+        if self.step == 0:
+            import yaml
+
+            hp = {
+                "backbone": model_cfg.backbone.name,
+                "stages": str(model_cfg.backbone.stages),
+                "num_queries": model_cfg.num_queries,
+                "zero_stage": ds.zero_stage,
+                "precision": ds.precision,
+                "global_batch": ds.global_batch,
+                "world_size": self.world,
+                "lr": o.lr,
+                "backbone_lr": o.backbone_lr,
+                "total_steps": self.total_steps,
+                "lr_drop_step": drop_step,
+                "scale_factor": cfg.data.scale_factor,
+            }
+            self.logger.hparams(hp, ["val/AP", "val/AP50"])
+            self.logger.text("config", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6 if ds.zero_stage < 3 else float("nan")
+        log.info(
+            "DETR %s stages %s (%.2fM params) | %d classes | world %d | ZeRO-%d %s | "
+            "batch %d = %d x %d x %d | %d steps (%d/epoch, lr drop at %d) | lr %.3g backbone %.3g",
+            model_cfg.backbone.name,
+            model_cfg.backbone.stages,
+            n_params,
+            model_cfg.num_classes,
+            self.world,
+            ds.zero_stage,
+            ds.precision,
+            ds.global_batch,
+            ds.micro_batch,
+            ds.grad_accum,
+            self.world,
+            self.total_steps,
+            self.steps_per_epoch,
+            drop_step,
+            o.lr,
+            o.backbone_lr,
+        )
+        self.last_eval: dict | None = None
+
+    def save(self) -> str:
+        from pvt_dist.config import config_hash
+        from pvt_dist.engine.trainer import rng_state
+
+        rank_state = {"rng": rng_state(), "data": self.stream.state_dict(), "step": self.step}
+        meta = {
+            "config_hash": config_hash(self.cfg),
+            "epoch": self.step / self.steps_per_epoch,
+            "zero_stage": self.cfg.deepspeed.zero_stage,
+            "precision": self.cfg.deepspeed.precision,
+            "model": f"detr_{self.cfg.model.backbone.name}",
+        }
+        path = self.ckpt.save(self.engine, self.step, {"step": self.step}, rank_state, meta)
+        self.last_saved = self.step
+        return path
+
+    def train_step(self) -> tuple[torch.Tensor, float, float]:
+        t0 = time.perf_counter()
+        self.scheduler.step_update(self.step)
+        accum = self.cfg.deepspeed.grad_accum
+        wait = 0.0
+        sums = torch.zeros(4, dtype=torch.float32, device=self.device)  # total, ce, bbox, giou
+        for _ in range(accum):
+            t_data = time.perf_counter()
+            images, mask, targets, _infos = next(self.stream)  # [B, 3, H, W], [B, H, W], B dicts
+            wait += time.perf_counter() - t_data
+            with fp32_gemm(self.fp32_gemm):  # bf16 storage, fp32 math on CPUs without bf16 kernels
+                outputs = self.engine(images.to(self.dtype), mask)
+            losses = self.criterion(outputs, targets)
+            loss = self.criterion.total(losses)
+            self.engine.backward(loss)
+            self.engine.step()
+            terms = [loss, losses["loss_ce"], losses["loss_bbox"], losses["loss_giou"]]
+            sums += torch.stack([t.detach().float() for t in terms])
+        sums /= accum
+        terms = pdist.all_reduce_sum(sums.clone()) / self.world
+        self.logger.scalars(
+            self.step + 1,
+            {f"train/{k}": float(v) for k, v in zip(("loss_ce", "loss_bbox", "loss_giou"), terms[1:])},
+            "step",
+        )
+        return sums[0], wait, time.perf_counter() - t0
+
+    def validate(self) -> dict:
+        with fp32_gemm(self.fp32_gemm):
+            stats, first = evaluate_coco(
+                self.engine, self.val_loader, self.device, print_fn=log.info, input_dtype=self.dtype
+            )
+        self.logger.scalars(self.step, {f"val/{k}": v for k, v in stats.items()}, "val")
+        if self.rank == 0 and self.logger.writer is not None and first is not None:
+            for b, img in enumerate(self.draw_batch(first)[: self.cfg.vis_images]):
+                self.logger.writer.add_image(
+                    f"val/detections_{b}", np.asarray(img), self.step, dataformats="HWC"
+                )
+        log.info(
+            "step %d val AP %.4f AP50 %.4f AP75 %.4f", self.step, stats["AP"], stats["AP50"], stats["AP75"]
+        )
+        self.last_eval = stats
+        return stats
+
+    def draw_batch(self, first, threshold: float = 0.5) -> list:
+        """Val images (as the model saw them) with predictions (colored) and ground truth (white)."""
+        images, targets, infos, dets = first
+        out = []
+        for img, t, info, det in zip(images, targets, infos, dets):
+            (h, w), (oh, ow) = info["size"], info["orig_size"]
+            pil = denormalize(img[:, :h, :w], self.cfg.data.mean, self.cfg.data.std)
+            keep = det["scores"] >= threshold
+            scale = torch.tensor([w / ow, h / oh, w / ow, h / oh])
+            cx, cy, bw, bh = t["boxes"].unbind(-1)
+            gt = torch.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1)
+            out.append(
+                draw_detections(
+                    pil,
+                    det["boxes"][keep] * scale,
+                    det["labels"][keep],
+                    det["scores"][keep],
+                    self.annotations.class_names,
+                    gt_boxes=gt,
+                )
+            )
+        return out
+
+    def export(self) -> str | None:
+        """Write the detector export (rank 0); with ZeRO-3 the partitioned weights are gathered first."""
+        import deepspeed
+
+        module = self.engine.module
+        path = os.path.join(self.run_dir, self.cfg.export)
+        params = list(module.parameters()) if self.cfg.deepspeed.zero_stage == 3 else []
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+            if self.rank == 0:
+                save_detector(
+                    path,
+                    module,
+                    self.cfg.model,
+                    self.cfg.data,
+                    self.annotations.class_names,
+                    self.annotations.label_to_cat,
+                )
+        pdist.barrier()
+        return path
+
+    def train(self) -> dict:
+        result = super().train()
+        for key in ("top1", "top5", "ema_top1"):
+            result.pop(key, None)
+        result.update({k: (self.last_eval or {}).get(k) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")})
+        if not result["stopped"]:
+            result["export"] = self.export()
+        return result
+
+
+def to_model_cfg_without_pretrained(model_cfg):
+    import copy
+
+    model_cfg = copy.deepcopy(model_cfg)
+    model_cfg.backbone.pretrained = None
+    return model_cfg

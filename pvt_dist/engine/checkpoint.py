@@ -1,0 +1,188 @@
+"""Collective checkpoints under ``RUN_DIR/checkpoints/step_NNNNNNNN/`` with an atomic ``latest`` pointer.
+
+A checkpoint directory holds DeepSpeed's files (module, optimizer partitions, client state), one
+``rank_NNNNN.pt`` per rank (RNG states and data position, which differ between ranks) and
+``trainer_state.json``, written by rank 0 only after every rank has finished writing. ``latest`` is
+replaced atomically after that, so it never names a partial checkpoint; a crash mid-save leaves
+the previous ``latest`` intact and the partial directory is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from typing import Any
+
+import torch
+
+from pvt_dist import distributed as pdist
+
+log = logging.getLogger(__name__)
+
+_TAG = re.compile(r"^step_(\d{8,})$")
+STATE_FILE = "trainer_state.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new content, never a mix."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_latest(ckpt_dir: str) -> str | None:
+    """Tag named by ``latest`` if that checkpoint is complete, else None (a fresh run)."""
+    path = os.path.join(ckpt_dir, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        tag = f.read().strip()
+    if not os.path.isfile(os.path.join(ckpt_dir, tag, STATE_FILE)):
+        raise RuntimeError(f"{path} names {tag!r}, which is not a complete checkpoint (no {STATE_FILE})")
+    return tag
+
+
+def read_trainer_state(ckpt_dir: str, tag: str) -> dict:
+    with open(os.path.join(ckpt_dir, tag, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def check_writable(ckpt_dir: str, rank: int) -> None:
+    """Fail at start-up, naming the directory, if this rank cannot write checkpoints there."""
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        probe = os.path.join(ckpt_dir, f".write_probe.{rank}.{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise RuntimeError(f"checkpoint directory {ckpt_dir} is not writable: {e}") from e
+
+
+class CheckpointManager:
+    """Saves and restores training state collectively; keeps the last ``keep_last`` checkpoints."""
+
+    def __init__(self, ckpt_dir: str, rank: int, world_size: int, keep_last: int):
+        self.dir = ckpt_dir
+        self.rank = rank
+        self.world_size = world_size
+        self.keep_last = keep_last
+
+    def latest(self) -> str | None:
+        return read_latest(self.dir)
+
+    def save(self, engine, step: int, client_state: dict, rank_state: dict, meta: dict) -> str:
+        """Every rank calls this at the same step. Returns the checkpoint path."""
+        tag = tag_for(step)
+        path = os.path.join(self.dir, tag)
+        t0 = time.perf_counter()
+        try:
+            if self.rank == 0 and os.path.isdir(path):
+                shutil.rmtree(path)  # leftovers of a save that crashed before `latest` moved
+            pdist.barrier()
+            engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)
+            atomic_torch_save(rank_state, os.path.join(path, f"rank_{self.rank:05d}.pt"))
+        except (OSError, RuntimeError) as e:
+            # torch.save reports ENOSPC as a bare stream error ("unexpected pos ..."): add the free space.
+            free = shutil.disk_usage(self.dir).free / 2**20
+            raise RuntimeError(
+                f"checkpoint: saving step {step} to {path} failed ({free:.0f} MiB free there): {e}"
+            ) from e
+        pdist.barrier()  # every rank's files are on disk
+        if self.rank == 0:
+            for name in os.listdir(path):
+                full = os.path.join(path, name)
+                if os.path.isfile(full):
+                    with open(full, "rb") as f:
+                        os.fsync(f.fileno())
+            state = dict(meta, step=step, world_size=self.world_size, saved_at=time.time())
+            atomic_write_text(os.path.join(path, STATE_FILE), json.dumps(state, indent=1))
+            atomic_write_text(os.path.join(self.dir, "latest"), tag)
+            self._prune(tag)
+        pdist.barrier()
+        log.info("saved checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
+        return path
+
+    def _prune(self, latest: str) -> None:
+        complete, other = [], []
+        for name in os.listdir(self.dir):
+            m = _TAG.match(name)
+            if not m or not os.path.isdir(os.path.join(self.dir, name)):
+                continue
+            if os.path.isfile(os.path.join(self.dir, name, STATE_FILE)):
+                complete.append((int(m.group(1)), name))
+            elif name != latest:
+                other.append(name)
+        complete.sort()
+        keep = {name for _, name in complete[-self.keep_last :]} | {latest}
+        for _, name in complete:
+            if name not in keep:
+                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+        for name in other:  # partial directories of crashed saves
+            shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+
+    def _export_hint(self) -> str:
+        return (
+            f"export the weights with `python -m pvt_dist.export {os.path.dirname(self.dir)} weights.pth` "
+            "and start a new run with model.pretrained=weights.pth"
+        )
+
+    def load(self, engine, tag: str, expect: dict | None = None) -> tuple[dict, dict, dict]:
+        """Restore engine state from ``tag``; returns (client_state, this rank's state, trainer_state).
+
+        ``expect`` maps trainer_state keys (zero_stage, precision, ...) to this run's values; a checkpoint
+        that differs is refused before DeepSpeed touches it.
+        """
+        meta = read_trainer_state(self.dir, tag)
+        path = os.path.join(self.dir, tag)
+        for key, value in (expect or {}).items():
+            if key in meta and meta[key] != value:
+                raise RuntimeError(
+                    f"checkpoint {path} was written with {key}={meta[key]!r}, this run has {value!r}. "
+                    f"Resume with the same setting, or {self._export_hint()}"
+                )
+        if meta.get("world_size") != self.world_size:
+            raise RuntimeError(
+                f"checkpoint {path} was written by {meta.get('world_size')} ranks, this run has "
+                f"{self.world_size}. Resume with the same world size, or {self._export_hint()}"
+            )
+        rank_file = os.path.join(path, f"rank_{self.rank:05d}.pt")
+        if not os.path.isfile(rank_file):
+            raise RuntimeError(f"checkpoint {path} has no state for rank {self.rank} ({rank_file})")
+        load_path, client_state = engine.load_checkpoint(self.dir, tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+        # Our own file: RNG states include numpy's tuple, so a full unpickle is needed.
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        return client_state or {}, rank_state, meta

@@ -1,0 +1,80 @@
+"""AdamW with the authors' parameter groups, and the per-step warmup + cosine learning rate."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from pvt_dist.config import TrainConfig, peak_lr
+
+log = logging.getLogger(__name__)
+
+
+def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weights, and 1-D params + ``model.no_weight_decay()`` (pos embeds, cls token)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """torch AdamW on CPU (no JIT), FusedAdam on GPU, DeepSpeedCPUAdam for ZeRO-Offload."""
+    o = cfg.optim
+    groups = build_param_groups(model, o.weight_decay)
+    lr = peak_lr(cfg)
+    kwargs = dict(lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if cfg.deepspeed.offload_optimizer == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    impl = o.impl
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "torch"
+    if impl == "fused":
+        if device.type != "cuda":
+            raise ValueError("optim.impl: fused needs a GPU; use torch (or auto) on CPU")
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def resolve_schedule(cfg: TrainConfig, loader_batches_per_epoch: int) -> tuple[int, int, int]:
+    """(steps_per_epoch, total_steps, warmup_steps) in optimizer steps."""
+    s = cfg.schedule
+    steps_per_epoch = s.steps_per_epoch or loader_batches_per_epoch // cfg.deepspeed.grad_accum
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"schedule.steps_per_epoch: the training split gives {loader_batches_per_epoch} micro batches "
+            "per "
+            f"rank, fewer than deepspeed.grad_accum {cfg.deepspeed.grad_accum}; lower the batch or set it"
+        )
+    total = s.total_steps or max(1, math.ceil(s.epochs * steps_per_epoch))
+    warmup = s.warmup_steps if s.warmup_steps is not None else round(s.warmup_epochs * steps_per_epoch)
+    if warmup >= total:
+        raise ValueError(
+            f"schedule.warmup_steps: warmup ({warmup} steps) must be shorter than training ({total})"
+        )
+    return steps_per_epoch, total, warmup
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, warmup_steps: int):
+    """Per-step schedule: linear warmup from ``warmup_lr``, then cosine to ``min_lr`` at ``total_steps``.
+
+    Stateless in practice: ``step_update(step)`` sets the lr from the step alone, so a resumed run
+    needs nothing but its step counter.
+    """
+    s = cfg.schedule
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps - warmup_steps),
+        lr_min=s.min_lr,
+        warmup_t=warmup_steps,
+        warmup_lr_init=s.warmup_lr,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )

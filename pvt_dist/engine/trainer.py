@@ -1,0 +1,400 @@
+"""Stage-1 pretraining loop on a DeepSpeed engine: iteration-based, exactly resumable, preemptible.
+
+    trainer = Trainer(cfg, env, device, preemption=handler)   # builds data, model, engine; resumes
+    result = trainer.train()                                   # {"top1", "top5", "step", "stopped", ...}
+    trainer.close()
+
+One optimizer step = ``grad_accum`` micro batches of ``micro_batch`` images on every rank. The learning
+rate is a pure function of the step, and the data position and every RNG state are checkpointed per
+rank, so a resumed run computes exactly the losses the uninterrupted run would have (on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from pvt_dist import distributed as pdist
+from pvt_dist.config import TrainConfig, config_hash, dump_config, peak_lr, to_dict
+from pvt_dist.distributed import DistEnv
+from pvt_dist.engine.checkpoint import CheckpointManager, check_writable
+from pvt_dist.engine.cpu_bf16 import fp32_gemm, use_fp32_gemm
+from pvt_dist.engine.ds_config import build_deepspeed_config
+from pvt_dist.engine.evaluate import evaluate
+from pvt_dist.engine.logger import MetricLogger, memory_mb
+from pvt_dist.engine.optim import build_optimizer, build_param_groups, build_scheduler, resolve_schedule
+
+log = logging.getLogger("pvt_dist.train")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf under bf16/fp32; the run stops, its last checkpoint stays intact."""
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class DataStream:
+    """Endless iterator over a loader's epochs whose position (epoch + loader state) can be saved."""
+
+    def __init__(self, loader, epoch: int = 0, loader_state: dict | None = None):
+        self.loader = loader
+        self.epoch = epoch
+        loader.set_epoch(epoch)
+        if loader_state is not None:
+            loader.load_state_dict(loader_state)
+            # A position saved at the very end of an epoch resumes at the start of the next one.
+            self.epoch = getattr(loader, "epoch", epoch)
+        self._it = iter(loader)
+
+    def __next__(self):
+        for _ in range(2):
+            try:
+                return next(self._it)
+            except StopIteration:
+                self.epoch += 1
+                self.loader.set_epoch(self.epoch)
+                self._it = iter(self.loader)
+        raise RuntimeError("the training loader yields no batch in a whole epoch")
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
+
+
+def build_criterion(cfg: TrainConfig, mixup) -> torch.nn.Module:
+    """Soft-target CE under Mixup/CutMix (smoothing is folded into the targets), else smoothed CE."""
+    if mixup is not None:
+        return SoftTargetCrossEntropy()
+    if cfg.data.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.data.label_smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def prepare_run_dir(run_dir: str, rank: int) -> None:
+    """Create the run directory and prove checkpoints can be written, before any process group starts."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise RuntimeError(f"run_dir: cannot create {run_dir}: {e}") from e
+    check_writable(os.path.join(run_dir, "checkpoints"), rank)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, device: torch.device, preemption=None):
+        import deepspeed
+
+        from pvt_dist.data import build_loader, build_mixup
+        from pvt_dist.models import build_model, load_pretrained
+
+        self.t_start = time.perf_counter()
+        self.cfg, self.env, self.device = cfg, env, device
+        self.preemption = preemption
+        self.rank, self.world = env.rank, env.world_size
+        self.dtype = DTYPES[cfg.deepspeed.precision]
+        self.fp32_gemm = use_fp32_gemm(cfg.deepspeed.precision, device, cfg.deepspeed.cpu_bf16_math)
+        self.run_dir = os.path.abspath(cfg.run_dir)
+        self.ckpt = CheckpointManager(
+            os.path.join(self.run_dir, "checkpoints"), self.rank, self.world, cfg.checkpoint.keep_last
+        )
+        prepare_run_dir(self.run_dir, self.rank)
+        resume_tag = self.ckpt.latest() if cfg.checkpoint.resume else None
+
+        ds = cfg.deepspeed
+        self.train_loader = build_loader(
+            cfg.data, split="train", rank=self.rank, world_size=self.world, seed=cfg.seed,
+            micro_batch=ds.micro_batch, device=device,
+        )  # fmt: skip
+        self.val_loader = build_loader(
+            cfg.data, split="val", rank=self.rank, world_size=self.world, seed=cfg.seed,
+            micro_batch=ds.micro_batch, device=device,
+        )  # fmt: skip
+        self.mixup = build_mixup(cfg.data)
+        self.criterion = build_criterion(cfg, self.mixup)
+        self.steps_per_epoch, self.total_steps, self.warmup_steps = resolve_schedule(
+            cfg, self.train_loader.batches_per_epoch
+        )
+
+        # Same seed on every rank: identical initial weights without relying on a broadcast.
+        seed_all(cfg.seed)
+        m = cfg.model
+        kwargs = dict(num_classes=m.num_classes, img_size=m.img_size, grad_checkpointing=m.grad_checkpointing)
+        if m.drop_path_rate is not None:
+            kwargs["drop_path_rate"] = m.drop_path_rate
+        model = build_model(m.name, **kwargs)
+        if m.pretrained and resume_tag is None:
+            report = load_pretrained(model, m.pretrained)
+            log.info(
+                "loaded %s: %s", m.pretrained, report.summary() if hasattr(report, "summary") else report
+            )
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.ema = None
+        if cfg.ema.enabled:
+            from timm.utils import ModelEmaV3
+
+            # fp32 copy taken before DeepSpeed casts the module to 16 bits.
+            self.ema = ModelEmaV3(model, decay=cfg.ema.decay, dtype=torch.float32, device=device)
+        # Per-rank stream for dropout / drop-path / Mixup.
+        seed_all(cfg.seed + 1000 * self.rank)
+
+        ds_config = build_deepspeed_config(cfg)
+        if "optimizer" in ds_config:  # a user's JSON brings its own optimizer
+            optimizer = None
+            params = build_param_groups(model, cfg.optim.weight_decay)
+        else:
+            optimizer = build_optimizer(model, cfg, device)
+            params = None
+        self.engine, engine_opt, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=params, config=ds_config
+        )
+        if m.compile:
+            self.engine.compile()
+        self.scheduler = None
+        if "scheduler" not in ds_config:
+            self.scheduler = build_scheduler(
+                optimizer or engine_opt, cfg, self.total_steps, self.warmup_steps
+            )
+
+        self.step = 0
+        data_epoch, loader_state = 0, None
+        if resume_tag is not None:
+            expect = {"zero_stage": ds.zero_stage, "precision": ds.precision, "model": m.name}
+            client, rank_state, meta = self.ckpt.load(self.engine, resume_tag, expect)
+            self.step = int(meta["step"])
+            if meta.get("config_hash") != config_hash(cfg):
+                log.warning("resuming %s with a changed config (hash %s -> %s)",
+                            resume_tag, meta.get("config_hash"), config_hash(cfg))  # fmt: skip
+            if self.ema is not None:
+                if client.get("ema") is None:
+                    raise RuntimeError(f"ema.enabled: checkpoint {resume_tag} has no EMA weights")
+                self.ema.module.load_state_dict(client["ema"])
+            set_rng_state(rank_state["rng"])
+            data_epoch, loader_state = rank_state["data"]["epoch"], rank_state["data"]["loader"]
+            log.info("resumed from %s at step %d", os.path.join(self.ckpt.dir, resume_tag), self.step)
+        # Written only once a resume is accepted: a refused one must leave the run's config as it was.
+        if self.rank == 0:
+            dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.stream = DataStream(self.train_loader, data_epoch, loader_state)
+        self.last_saved = self.step if resume_tag is not None else -1
+
+        self.logger = MetricLogger(
+            self.run_dir, self.rank == 0, cfg.logging.tensorboard, self.step, self.total_steps
+        )
+        if self.step == 0:
+            hp = {
+                "model": m.name, "img_size": m.img_size, "zero_stage": ds.zero_stage,
+                "precision": ds.precision,
+                "global_batch": ds.global_batch, "micro_batch": ds.micro_batch, "grad_accum": ds.grad_accum,
+                "world_size": self.world, "peak_lr": peak_lr(cfg), "weight_decay": cfg.optim.weight_decay,
+                "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "drop_path_rate": m.drop_path_rate if m.drop_path_rate is not None else "default",
+                "mixup": cfg.data.mixup, "cutmix": cfg.data.cutmix, "ema": cfg.ema.enabled,
+            }  # fmt: skip
+            self.logger.hparams(hp, ["val/top1", "val/top5"])
+            import yaml
+
+            self.logger.text("config", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        log.info(
+            "model %s (%.2fM params) | world %d | ZeRO-%d %s | batch %d = %d x %d x %d | %d steps "
+            "(%d/epoch, warmup %d) | peak lr %.3g%s",
+            m.name, self.num_params / 1e6,
+            self.world, ds.zero_stage, ds.precision, ds.global_batch, ds.micro_batch, ds.grad_accum,
+            self.world, self.total_steps, self.steps_per_epoch, self.warmup_steps, peak_lr(cfg),
+            " | bf16 storage, fp32 GEMMs (CPU without bf16 kernels)" if self.fp32_gemm else "",
+        )  # fmt: skip
+        self.last_eval: dict | None = None
+
+    # ------------------------------------------------------------------------------------------------
+
+    def _due(self, every: int | None) -> bool:
+        period = every or self.steps_per_epoch
+        return self.step % period == 0
+
+    def save(self) -> str:
+        client = {"step": self.step, "ema": self.ema.module.state_dict() if self.ema is not None else None}
+        rank_state = {"rng": rng_state(), "data": self.stream.state_dict(), "step": self.step}
+        meta = {
+            "config_hash": config_hash(self.cfg),
+            "epoch": self.step / self.steps_per_epoch,
+            "zero_stage": self.cfg.deepspeed.zero_stage,
+            "precision": self.cfg.deepspeed.precision,
+            "model": self.cfg.model.name,
+        }
+        self._check_finite_weights()
+        path = self.ckpt.save(self.engine, self.step, client, rank_state, meta)
+        self.last_saved = self.step
+        return path
+
+    def _check_finite_weights(self) -> None:
+        """Refuse to checkpoint non-finite weights, so `latest` stays the last good state."""
+        bad = torch.zeros((), device=self.device)
+        for p in self.engine.module.parameters():
+            local = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
+            if local.numel() and not bool(torch.isfinite(local).all()):
+                bad += 1
+        pdist.all_reduce_sum(bad)
+        if bad.item() > 0:
+            raise NonFiniteLossError(
+                f"weights became non-finite by step {self.step}; stopping without saving. The last good "
+                f"checkpoint ({self.ckpt.latest() or 'none yet'}) in {self.ckpt.dir} is intact"
+            )
+
+    def validate(self) -> dict:
+        # Evaluation must not perturb the training RNG streams, or resumed runs would diverge.
+        saved_rng = rng_state()
+        with fp32_gemm(self.fp32_gemm):
+            res = evaluate(self.engine, self.val_loader, self.device, self.dtype)
+        values = {"val/top1": res["top1"], "val/top5": res["top5"], "val/loss": res["loss"]}
+        if self.ema is not None:
+            ema_res = evaluate(self.ema.module, self.val_loader, self.device, torch.float32)
+            values.update({"val_ema/top1": ema_res["top1"], "val_ema/top5": ema_res["top5"]})
+            res["ema_top1"] = ema_res["top1"]
+        expected = getattr(self.val_loader, "num_samples", None)
+        if expected is not None and res["count"] != expected:
+            raise RuntimeError(f"validation saw {res['count']} samples, the split has {expected}")
+        self.logger.scalars(self.step, {**values, "val/count": res["count"]}, "val")
+        log.info(
+            "step %d val top1 %.2f top5 %.2f loss %.4f (%d images)%s", self.step, res["top1"], res["top5"],
+            res["loss"], res["count"], f" | ema top1 {res['ema_top1']:.2f}" if self.ema is not None else "",
+        )  # fmt: skip
+        self.last_eval = res
+        set_rng_state(saved_rng)
+        return res
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step; returns (local mean loss, data wait s, step time s)."""
+        t0 = time.perf_counter()
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.step)
+        wait = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for _ in range(self.cfg.deepspeed.grad_accum):
+            t_data = time.perf_counter()
+            images, labels = next(self.stream)  # [B, 3, H, W] float, [B] int64
+            wait += time.perf_counter() - t_data
+            targets = labels
+            if self.mixup is not None:
+                images, targets = self.mixup(images, labels)  # targets [B, classes]
+            with fp32_gemm(self.fp32_gemm):
+                logits = self.engine(images.to(self.dtype))
+            loss = self.criterion(logits.float(), targets)
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += loss.detach().float()
+        return loss_sum / self.cfg.deepspeed.grad_accum, wait, time.perf_counter() - t0
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        ds = cfg.deepspeed
+        self.engine.train()
+        window = {"loss": 0.0, "n": 0, "steps": 0, "time": 0.0, "wait": 0.0}
+        stopped = False
+        while self.step < self.total_steps:
+            if self.preemption is not None and self.preemption.stop_requested():
+                if self.last_saved != self.step:
+                    self.save()
+                self.logger.flush()
+                stopped = True
+                self.preemption.on_checkpoint_saved()
+                break
+            local_loss, wait, step_time = self.train_step()
+            self.step += 1
+            # One all-reduce per step: the global mean loss, and an agreed verdict on non-finite values.
+            stats = torch.stack([local_loss, (~torch.isfinite(local_loss)).float()])
+            pdist.all_reduce_sum(stats)
+            loss, nonfinite = stats[0].item() / self.world, stats[1].item() > 0
+            if nonfinite and ds.precision != "fp16":
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {self.step} under {ds.precision}; stopping. The last good "
+                    f"checkpoint ({self.ckpt.latest() or 'none yet'}) in {self.ckpt.dir} is intact"
+                )
+            if self.ema is not None:
+                self.ema.update(self.engine.module, step=self.step)
+            lr = self.engine.get_lr()[0]  # read back from the wrapped optimizer: what the step really used
+            self.logger.scalars(self.step, {"train/loss_step": loss, "train/lr_step": lr}, "step")
+            if math.isfinite(loss):
+                window["loss"] += loss
+                window["n"] += 1
+            window["steps"] += 1
+            window["time"] += step_time
+            window["wait"] += wait
+            if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
+                self._log_window(window, lr)
+                window = {"loss": 0.0, "n": 0, "steps": 0, "time": 0.0, "wait": 0.0}
+            if self.step < self.total_steps:
+                if self._due(cfg.eval.every_steps):
+                    self.validate()
+                if self._due(cfg.checkpoint.every_steps):
+                    self.save()
+        if not stopped:
+            if cfg.eval.at_end or self._due(cfg.eval.every_steps):
+                self.validate()
+            if self.last_saved != self.step:
+                self.save()
+        self.logger.flush()
+        res = self.last_eval or {}
+        return {
+            "step": self.step,
+            "stopped": stopped,
+            "top1": res.get("top1"),
+            "top5": res.get("top5"),
+            "ema_top1": res.get("ema_top1"),
+            "wall_s": time.perf_counter() - self.t_start,
+            "run_dir": self.run_dir,
+            "tensorboard_dir": self.logger.tb_dir,
+        }
+
+    def _log_window(self, w: dict, lr: float) -> None:
+        n_steps = max(w["steps"], 1)
+        step_time = w["time"] / n_steps
+        values = {
+            "train/loss": w["loss"] / max(w["n"], 1),
+            "train/lr": lr,
+            "perf/images_per_s": self.cfg.deepspeed.global_batch / max(step_time, 1e-9),
+            "perf/step_time_s": step_time,
+            "perf/data_wait_s": w["wait"] / n_steps,
+            "perf/memory_mb": memory_mb(self.device),
+            "train/epoch": self.step / self.steps_per_epoch,
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            values["train/grad_norm"] = float(grad_norm)
+        if self.cfg.deepspeed.precision == "fp16":
+            opt = self.engine.optimizer
+            scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
+            values["train/loss_scale"] = float(scale) if scale is not None else None
+            values["train/skipped_steps"] = float(self.engine.skipped_steps)
+        self.logger.scalars(self.step, values, "train")
+        shown = {k: v for k, v in values.items() if k not in ("train/epoch", "perf/memory_mb")}
+        self.logger.console(self.step, self.step / self.steps_per_epoch, shown)
+
+    def close(self) -> None:
+        self.logger.close()
+        if self.ema is not None:
+            self.ema = None

@@ -1,0 +1,211 @@
+"""DALI (CPU) and fallback loaders on real Fashion-MNIST shards: sharding, order, resume, layout, Mixup."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from pvt_dist.data import DataConfig, build_loader, build_mixup
+
+BACKENDS = ["dali", "fallback"]
+
+
+def make_cfg(path, **kw) -> DataConfig:
+    base = dict(
+        train_shards=str(path),
+        val_shards=str(path),
+        num_classes=10,
+        train_size=32,
+        val_size=32,
+        crop_pct=1.0,
+        num_threads=1,
+        fallback_workers=0,
+        shuffle_buffer=256,
+    )
+    return DataConfig(**{**base, **kw})
+
+
+def run(loader, limit=None):
+    """All (images, labels, keys) of one pass, optionally only the first `limit` batches."""
+    return list(itertools.islice(loader, limit))
+
+
+def keys_of(batches, real_only=True):
+    return [k for _, y, ks in batches for k, lab in zip(ks, y.tolist()) if lab >= 0 or not real_only]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_ranks_cover_epoch_once(fmnist_shards, backend):
+    cfg = make_cfg(fmnist_shards, backend=backend)
+    loaders = [build_loader(cfg, "train", r, 2, seed=3, micro_batch=64, return_keys=True) for r in range(2)]
+    assert [ld.batches_per_epoch for ld in loaders] == [16, 16] and loaders[0].num_samples == 2048
+    per_rank = [keys_of(run(ld)) for ld in loaders]
+    assert [len(k) for k in per_rank] == [1024, 1024]
+    assert len(set(per_rank[0]) | set(per_rank[1])) == 2048  # 2048 = 2 ranks x 16 x 64: all, once each
+    # Epoch 1 rotates the rank ranges and reshuffles; re-running epoch 0 reproduces its order exactly.
+    for ld in loaders:
+        assert ld.epoch == 1
+    nxt = keys_of(run(loaders[0]))
+    assert set(nxt) == set(per_rank[1]) and nxt != per_rank[1]
+    again = build_loader(cfg, "train", 0, 2, seed=3, micro_batch=64, return_keys=True)
+    again.set_epoch(0)
+    assert keys_of(run(again)) == per_rank[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_val_exactly_once_with_padding(fmnist_shards, backend):
+    cfg = make_cfg(fmnist_shards, backend=backend)
+    world, mb = 3, 50  # 512 = 170 + 171 + 171 -> 4 batches of 50 on every rank, the rest label -1
+    runs = [
+        run(build_loader(cfg, "val", r, world, seed=0, micro_batch=mb, return_keys=True))
+        for r in range(world)
+    ]
+    assert [len(b) for b in runs] == [4, 4, 4]
+    real = [k for b in runs for k in keys_of(b)]
+    assert len(real) == len(set(real)) == 512
+    padded = sum(int((y == -1).sum()) for b in runs for _, y, _ in b)
+    assert padded == world * 4 * mb - 512
+    for b in runs:
+        for x, y, _ in b:
+            assert x.shape == (mb, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+            assert int(y.max()) < 10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mid_epoch_resume_is_exact(fmnist_shards, backend):
+    cfg = make_cfg(fmnist_shards, backend=backend)
+    full = run(build_loader(cfg, "train", 1, 2, seed=7, micro_batch=32, return_keys=True))
+    ld = build_loader(cfg, "train", 1, 2, seed=7, micro_batch=32, return_keys=True)
+    head = run(ld, limit=5)
+    state = ld.state_dict()
+    assert (state["epoch"], state["batch"]) == (0, 5)
+    resumed = build_loader(cfg, "train", 1, 2, seed=7, micro_batch=32, return_keys=True)
+    resumed.load_state_dict([{"rank": 0}, state])  # all ranks' states, e.g. gathered and saved by rank 0
+    assert resumed.state_dict() == state  # saved again before the first step: the same position
+    resumed.set_epoch(0)  # what a trainer does at the top of the epoch loop; keeps the position
+    tail = run(resumed)
+    assert len(tail) == len(full) - 5
+    assert keys_of(head) + keys_of(tail) == keys_of(full)
+    for (xa, ya, _), (xb, yb, _) in zip(full[5:], tail):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)  # same augmentation too
+    assert resumed.epoch == 1 and resumed.state_dict()["batch"] == 0
+    with pytest.raises(ValueError, match="rank=1 but this loader has 0"):
+        build_loader(cfg, "train", 0, 2, seed=7, micro_batch=32).load_state_dict(state)
+    with pytest.raises(ValueError, match="world_size=2"):
+        build_loader(cfg, "train", 0, 1, seed=7, micro_batch=32).load_state_dict(state)
+    other = "fallback" if backend == "dali" else "dali"
+    with pytest.raises(ValueError, match=rf"data\.backend: .*saved mid-epoch by the '{backend}' backend"):
+        build_loader(cfg.replace(backend=other), "train", 1, 2, seed=7, micro_batch=32).load_state_dict(state)
+
+
+def val_pixel_difference(cfg: DataConfig, micro_batch: int) -> float:
+    """Mean |DALI - fallback| of the validation outputs in 0-255 pixel units; also checks keys and labels."""
+    dali = run(build_loader(cfg, "val", 0, 1, seed=0, micro_batch=micro_batch, return_keys=True))
+    ref = run(
+        build_loader(cfg.replace(backend="fallback"), "val", 0, 1, micro_batch=micro_batch, return_keys=True)
+    )
+    assert keys_of(dali) == keys_of(ref) and len(dali) == len(ref)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    total, count = 0.0, 0
+    for (xa, ya, _), (xb, yb, _) in zip(dali, ref):
+        assert torch.equal(ya, yb) and xa.shape == xb.shape
+        real = ya >= 0
+        total += float(((xa - xb).abs() * std * 255)[real].sum())
+        count += int(real.sum()) * xa[0].numel()
+    return total / count
+
+
+def test_dali_matches_fallback_on_val(fmnist_shards, photo_shards):
+    """Same samples, labels and layout; pixels differ only by the resampling filters' rounding."""
+    fm = val_pixel_difference(make_cfg(fmnist_shards, val_size=40, crop_pct=0.875), 128)  # 28 -> 45 -> 40
+    photos = val_pixel_difference(  # real photos of many aspect ratios, ImageNet eval geometry
+        make_cfg(photo_shards, val_shards=str(photo_shards / "*.tar"), num_classes=3, val_size=224), 4
+    )
+    print(f"DALI vs fallback val mean |pixel difference| /255: fashion-mnist {fm:.3f}, photos {photos:.3f}")
+    assert fm < 1.0 and photos < 1.0
+
+
+def test_train_augmentations_dali(fmnist_shards):
+    cfg = make_cfg(fmnist_shards, rand_augment="rand-m9-mstd0.5-inc1", random_erase=0.5)
+    plain = run(build_loader(make_cfg(fmnist_shards), "train", 0, 1, seed=1, micro_batch=64), limit=2)
+    aug = run(build_loader(cfg, "train", 0, 1, seed=1, micro_batch=64), limit=2)
+    for (xa, ya), (xb, yb) in zip(plain, aug):
+        assert torch.equal(ya, yb) and torch.isfinite(xb).all() and not torch.equal(xa, xb)
+    again = run(build_loader(cfg, "train", 0, 1, seed=1, micro_batch=64), limit=2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(aug, again))
+
+
+def test_fallback_rand_augment_runs(fmnist_shards):
+    cfg = make_cfg(fmnist_shards, backend="fallback", rand_augment="rand-m9-mstd0.5-inc1", random_erase=0.25)
+    (x, y), *_ = run(build_loader(cfg, "train", 0, 1, seed=1, micro_batch=16), limit=1)
+    assert x.shape == (16, 3, 32, 32) and torch.isfinite(x).all()
+
+
+def test_mixup_cutmix_soft_targets(fmnist_shards):
+    assert build_mixup(make_cfg(fmnist_shards)) is None
+    cfg = make_cfg(fmnist_shards, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    mix = build_mixup(cfg)
+    (x, y), *_ = run(build_loader(cfg, "train", 0, 1, seed=0, micro_batch=32), limit=1)
+    np.random.seed(0)  # timm draws lambda and the Mixup/CutMix switch from numpy
+    xm, t = mix(x.clone(), y)
+    assert xm.shape == x.shape and t.shape == (32, 10) and not torch.equal(xm, x)
+    # "batch" mode: every target is lam * smooth(y) + (1 - lam) * smooth(y flipped), one lam per batch.
+    smooth = lambda labels: torch.nn.functional.one_hot(labels, 10).float() * 0.9 + 0.01
+    own, other = smooth(y), smooth(y.flip(0))
+    i = int((y != y.flip(0)).nonzero()[0])
+    lam = float((t[i, y[i]] - other[i, y[i]]) / (own[i, y[i]] - other[i, y[i]]))
+    assert 0.0 <= lam <= 1.0 and torch.allclose(t, lam * own + (1 - lam) * other, atol=1e-6)
+
+
+def test_config_errors(fmnist_shards):
+    with pytest.raises(ValueError, match=r"data\.crop_pct"):
+        make_cfg(fmnist_shards, crop_pct=1.5).validate()
+    with pytest.raises(ValueError, match=r"data\.backend"):
+        make_cfg(fmnist_shards, backend="ffcv").validate()
+    with pytest.raises(ValueError, match=r"data\.rand_augment"):
+        make_cfg(fmnist_shards, rand_augment="rand-x9").validate()
+    with pytest.raises(ValueError, match=r"data\.train_shards: 2048 samples cannot fill one batch"):
+        build_loader(make_cfg(fmnist_shards), "train", 0, 2, micro_batch=2000)
+
+
+@pytest.mark.gpu
+def test_dali_gpu_decoding(photo_shards):
+    """The "mixed" nvJPEG path: same samples as the CPU graph, outputs on the GPU, exact mid-epoch resume."""
+    cfg = make_cfg(
+        photo_shards, val_shards=str(photo_shards / "*.tar"), num_classes=3, val_size=224, device="gpu"
+    )
+    gpu = run(build_loader(cfg, "val", 0, 1, micro_batch=4, device="cuda", return_keys=True))
+    cpu = run(
+        build_loader(cfg.replace(device="cpu"), "val", 0, 1, micro_batch=4, device="cpu", return_keys=True)
+    )
+    assert keys_of(gpu) == keys_of(cpu)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    for (xg, yg, _), (xc, yc, _) in zip(gpu, cpu):
+        assert xg.is_cuda and yg.is_cuda and torch.equal(yg.cpu(), yc)
+        assert float(((xg.cpu() - xc).abs() * std * 255).mean()) < 2.0  # nvJPEG vs libjpeg-turbo rounding
+    train = cfg.replace(train_size=64, rand_augment="rand-m9-mstd0.5-inc1", random_erase=0.25)
+    full = run(build_loader(train, "train", 0, 1, seed=2, micro_batch=2, device="cuda", return_keys=True))
+    ld = build_loader(train, "train", 0, 1, seed=2, micro_batch=2, device="cuda", return_keys=True)
+    head = run(ld, 2)
+    resumed = build_loader(train, "train", 0, 1, seed=2, micro_batch=2, device="cuda", return_keys=True)
+    resumed.load_state_dict(ld.state_dict())
+    tail = run(resumed)
+    assert keys_of(head + tail) == keys_of(full)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full[2:], tail))
+
+
+def test_fallback_workers_keep_order(fmnist_shards):
+    """Worker processes split the batches round-robin; the result is the in-process stream, bit for bit."""
+    cfg = make_cfg(fmnist_shards, backend="fallback")
+    inproc = run(build_loader(cfg, "train", 0, 2, seed=4, micro_batch=32, return_keys=True), 5)
+    two = run(
+        build_loader(
+            cfg.replace(fallback_workers=2), "train", 0, 2, seed=4, micro_batch=32, return_keys=True
+        ),
+        5,
+    )
+    assert keys_of(inproc) == keys_of(two)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(inproc, two))

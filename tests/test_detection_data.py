@@ -1,0 +1,208 @@
+"""Annotation validation and the DALI detection pipeline on the real labelme COCO example."""
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from detection_helpers import labelme_example
+
+from pvt_dist.detection.data import DetectionDataConfig, build_detection_loader
+from pvt_dist.detection.targets import validate_coco_dataset
+
+
+@pytest.fixture(scope="module")
+def example():
+    root = labelme_example()
+    return root, json.loads((root / "annotations.json").read_text())
+
+
+def _cfg(ann, images, **kw):
+    return DetectionDataConfig(
+        train_ann=str(ann),
+        train_images=str(images),
+        val_ann=str(ann),
+        val_images=str(images),
+        scale_factor=0.25,
+        device="cpu",
+        num_threads=1,
+        **kw,
+    )
+
+
+def test_example_is_renumbered_from_one(example):
+    _, d = example
+    assert sorted(i["id"] for i in d["images"]) == [1, 2, 3]
+    assert sorted(a["id"] for a in d["annotations"]) == list(range(1, 13))
+    assert all(c["id"] >= 1 for c in d["categories"]) and len(d["categories"]) == 20
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("bbox", [10.0, 10.0, -5.0, 20.0], r"image id 2, annotation id 5: negative width"),
+        (
+            "bbox",
+            [400.0, 10.0, 150.0, 20.0],
+            r"image id 2, annotation id 5: bbox .* outside the 500x375 image",
+        ),
+        ("category_id", 99, r"image id 2, annotation id 5: unknown category id 99"),
+        ("id", 0, r"annotation id 0: annotation ids must be unique ints >= 1"),
+        ("image_id", 42, r"image id 42, annotation id 5: unknown image id"),
+    ],
+)
+def test_invalid_annotations_name_image_and_annotation(example, field, value, match):
+    _, d = example
+    bad = copy.deepcopy(d)
+    ann = next(a for a in bad["annotations"] if a["id"] == 5)
+    assert ann["image_id"] == 2
+    ann[field] = value
+    with pytest.raises(ValueError, match=match):
+        validate_coco_dataset(bad, "bad.json")
+
+
+def test_invalid_file_fails_when_the_loader_is_built(example, tmp_path):
+    root, d = example
+    bad = copy.deepcopy(d)
+    bad["annotations"][3]["bbox"][2] = -1.0
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"bad.json: image id 2, annotation id 4: negative width"):
+        build_detection_loader(_cfg(tmp_path / "bad.json", root), "train")
+
+
+def test_val_batches_match_annotations(example):
+    root, d = example
+    loader = build_detection_loader(_cfg(root / "annotations.json", root), "val", micro_batch=2)
+    ann = loader.annotations
+    assert loader.num_samples == 3 and loader.batches_per_epoch == 2
+    assert ann.label_to_cat == list(range(1, 21)) and ann.class_names[14] == "person"
+    seen = {}
+    for images, mask, targets, infos in loader:
+        assert images.dtype == torch.float32 and images.shape[:2] == (2, 3)
+        assert mask.shape == (2, *images.shape[2:]) and mask.dtype == torch.bool
+        for b, info in enumerate(infos):
+            h, w = info["size"]
+            assert min(h, w) == 200  # val_size 800 * 0.25
+            assert not mask[b, :h, :w].any() and mask[b].sum() == mask[b].numel() - h * w
+            assert images[b, :, h:, :].abs().sum() == 0 and images[b, :, :, w:].abs().sum() == 0
+            seen[info["image_id"]] = (info, targets[b])
+    assert sorted(seen) == [1, 2, 3]
+    for iid, (info, t) in seen.items():
+        img = next(i for i in d["images"] if i["id"] == iid)
+        assert info["orig_size"] == [img["height"], img["width"]]
+        gt = [a for a in d["annotations"] if a["image_id"] == iid]
+        # Labels map back to the category ids of the file, boxes to its pixel coordinates.
+        assert [ann.label_to_cat[int(x)] for x in t["labels"]] == [a["category_id"] for a in gt]
+        cx, cy, bw, bh = t["boxes"].unbind(1)
+        xywh = torch.stack(
+            [
+                (cx - bw / 2) * img["width"],
+                (cy - bh / 2) * img["height"],
+                bw * img["width"],
+                bh * img["height"],
+            ],
+            1,
+        )
+        assert torch.allclose(xywh, torch.tensor([a["bbox"] for a in gt]), atol=0.05)
+
+
+def test_train_augmentation_sizes_and_boxes(example):
+    root, _ = example
+    cfg = _cfg(root / "annotations.json", root)
+    loader = build_detection_loader(cfg, "train", micro_batch=3, seed=1)
+    scales = {cfg.scaled(s) for s in cfg.train_scales}
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        for images, _mask, targets, infos in loader:
+            for b, info in enumerate(infos):
+                h, w = info["size"]
+                assert min(h, w) in scales or max(h, w) == cfg.scaled(cfg.max_size)
+                assert images.shape[2] == max(i["size"][0] for i in infos)
+                t = targets[b]
+                assert t["boxes"].shape == (len(t["labels"]), 4)
+                assert ((t["boxes"] >= 0) & (t["boxes"] <= 1)).all()
+                assert ((t["labels"] >= 0) & (t["labels"] < 20)).all()
+
+
+def test_crowd_excluded_empty_images_and_sharding(example, tmp_path):
+    root, d = example
+    d = copy.deepcopy(d)
+    shutil.copytree(root / "JPEGImages", tmp_path / "JPEGImages")
+    d["annotations"][0]["iscrowd"] = 1  # image 1 keeps 2 of its 3 boxes
+    shutil.copy(root / d["images"][0]["file_name"], tmp_path / "JPEGImages" / "empty.jpg")
+    d["images"].append({**d["images"][0], "id": 4, "file_name": "JPEGImages/empty.jpg"})  # no annotations
+    (tmp_path / "ann.json").write_text(json.dumps(d))
+    cfg = _cfg(tmp_path / "ann.json", tmp_path)
+    per_rank = []
+    for rank in range(2):
+        loader = build_detection_loader(cfg, "val", rank=rank, world_size=2, micro_batch=1)
+        assert loader.batches_per_epoch == 2
+        per_rank.append(
+            {info["image_id"]: len(t["labels"]) for _, _, ts, infos in loader for t, info in zip(ts, infos)}
+        )
+    assert set(per_rank[0]).isdisjoint(per_rank[1])
+    counts = {**per_rank[0], **per_rank[1]}
+    assert counts == {1: 2, 2: 3, 3: 6, 4: 0}
+
+
+def test_train_loader_resumes_mid_epoch_exactly(example):
+    root, _ = example
+    cfg = _cfg(root / "annotations.json", root)
+    loader = build_detection_loader(cfg, "train", micro_batch=2, seed=3)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    rest = list(it)
+    loader.set_epoch(1)
+    rest += list(loader)
+    again = build_detection_loader(cfg, "train", micro_batch=2, seed=3)
+    again.set_epoch(0)
+    again.load_state_dict(state)
+    resumed = list(again)
+    again.set_epoch(1)
+    resumed += list(again)
+    assert len(resumed) == len(rest) == 3
+    for x, y in zip(rest, resumed):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+        assert [i["image_id"] for i in x[3]] == [i["image_id"] for i in y[3]]
+        assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(x[2], y[2]))
+
+
+@pytest.mark.gpu
+def test_gpu_pipeline_matches_cpu(example):
+    """nvJPEG ("mixed") decoding and GPU resizing: same geometry and targets, nearly the same pixels."""
+    root, _ = example
+    batches = {}
+    for device in ("cpu", "gpu"):
+        cfg = _cfg(root / "annotations.json", root)
+        cfg.device = device
+        loader = build_detection_loader(cfg, "val", micro_batch=3, device="cuda")
+        batches[device] = next(iter(loader))
+    (ic, mc, tc, nc), (ig, mg, tg, ng) = batches["cpu"], batches["gpu"]
+    assert ig.device.type == "cuda" and ic.shape == ig.shape and torch.equal(mc, mg) and nc == ng
+    for a, b in zip(tc, tg):
+        assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["boxes"], b["boxes"])
+    assert (ic - ig).abs().mean() < 0.05  # decoders differ by a few 8-bit levels
+
+
+def test_train_shards_partition_every_epoch(example, tmp_path):
+    root, d = example
+    d = copy.deepcopy(d)
+    shutil.copytree(root / "JPEGImages", tmp_path / "JPEGImages")
+    shutil.copy(root / d["images"][0]["file_name"], tmp_path / "JPEGImages" / "extra.jpg")
+    d["images"].append({**d["images"][0], "id": 4, "file_name": "JPEGImages/extra.jpg"})
+    (tmp_path / "ann.json").write_text(json.dumps(d))
+    cfg = _cfg(tmp_path / "ann.json", tmp_path)
+    loaders = [
+        build_detection_loader(cfg, "train", rank=r, world_size=2, seed=5, micro_batch=1) for r in range(2)
+    ]
+    orders = []
+    for epoch in range(3):
+        ids = []
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            ids += [info["image_id"] for _, _, _, infos in loader for info in infos]
+        assert sorted(ids) == [1, 2, 3, 4], (epoch, ids)
+        orders.append(ids)
+    assert len({tuple(o) for o in orders}) > 1  # reshuffled between epochs

@@ -1,0 +1,244 @@
+"""End-to-end pretraining with 2 ranks (gloo, CPU): ZeRO 0-3 with bf16 on a tiny PVT over Fashion-MNIST.
+
+Each stage: train, stop, resume from a mid-run checkpoint (the next losses must be identical), export
+the weights, read the TensorBoard events back. Processes are started with torchrun, as users do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS, CKPT_EVERY = 12, 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(ROOT / "build" / "torch_extensions"))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def torchrun(
+    config: Path, *overrides: str, nproc: int = 2, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    cmd += [f"--master_port={_free_port()}", str(ROOT / "launch" / "train.py"), "--config", str(config)]
+    proc = subprocess.run(
+        [*cmd, *overrides], capture_output=True, text=True, env=_env(), timeout=timeout, cwd=ROOT
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Per-step global mean loss from metrics.jsonl; each step must appear exactly once."""
+    out: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "step":
+            assert rec["step"] not in out, f"step {rec['step']} logged twice"
+            out[rec["step"]] = rec["train/loss_step"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory, fmnist_shards) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(
+        f"""
+model: {{name: pvt_v2_b0, drop_path_rate: 0.0}}
+data:
+  train_shards: {fmnist_shards}
+  val_shards: {fmnist_shards}
+  num_classes: 10
+  train_size: 32
+  val_size: 32
+  crop_pct: 1.0
+  scale: [0.7, 1.0]
+  num_threads: 1
+  label_smoothing: 0.0
+optim: {{lr: 3.0e-3, scale_lr: false, weight_decay: 0.01}}
+schedule: {{total_steps: {STEPS}, warmup_steps: 1, min_lr: 1.0e-4}}
+deepspeed: {{precision: bf16, micro_batch: 32, grad_accum: 1}}
+eval: {{every_steps: 1000, at_end: true}}
+checkpoint: {{every_steps: {CKPT_EVERY}, keep_last: 3}}
+logging: {{log_every: 3}}
+dist: {{timeout_s: 120}}
+"""
+    )
+    return path
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_train_resume_export(stage, tiny_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pvt_dist.models import build_model, load_pretrained
+
+    run = tmp_path / "run"
+    # EMA rides along on stages 1-2 (stage 3 refuses it); stage 3 also clips gradients.
+    extra = ("ema.enabled=true", "ema.decay=0.9") if stage < 3 else ("deepspeed.grad_clip=1.0",)
+    proc = torchrun(tiny_config, f"run_dir={run}", f"deepspeed.zero_stage={stage}", *extra)
+    assert "final top-1" in proc.stdout and f"tensorboard --logdir {run / 'tensorboard'}" in proc.stdout
+
+    # Loss goes down and the model beats chance (10%) on the 512 held-out images.
+    losses = step_losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    first, last = [losses[s] for s in (1, 2, 3)], [losses[s] for s in range(STEPS - 2, STEPS + 1)]
+    assert sum(last) / 3 < sum(first) / 3 - 0.3, losses
+    val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "val"' in x]
+    assert val[-1]["val/count"] == 512 and val[-1]["val/top1"] > 25, val
+
+    # Checkpoints: keep_last complete ones, `latest` names the final step.
+    ckpt = run / "checkpoints"
+    assert (ckpt / "latest").read_text() == f"step_{STEPS:08d}"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == [f"step_{CKPT_EVERY:08d}", f"step_{STEPS:08d}"]
+
+    # Stop-and-resume: a copy of the run rewound to the mid-run checkpoint continues identically.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS:08d}")
+    (resumed / "checkpoints" / "latest").write_text(f"step_{CKPT_EVERY:08d}")
+    proc = torchrun(tiny_config, f"run_dir={resumed}", f"deepspeed.zero_stage={stage}", *extra)
+    assert f"resumed from {resumed / 'checkpoints' / f'step_{CKPT_EVERY:08d}'}" in proc.stderr + proc.stdout
+    again = step_losses(resumed)
+    for s in range(CKPT_EVERY + 1, STEPS + 1):
+        assert again[s] == losses[s], (s, again[s], losses[s])
+
+    # TensorBoard: scalars readable; the resumed run appended without duplicating steps.
+    acc = EventAccumulator(str(resumed / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "perf/images_per_s", "perf/step_time_s", "perf/data_wait_s"}
+    assert expected | {"perf/memory_mb", "val/top1", "val/top5", "train/grad_norm"} <= tags
+    if stage < 3:
+        assert "val_ema/top1" in tags
+    loss_steps = [e.step for e in acc.Scalars("train/loss_step")]
+    assert sorted(set(loss_steps)) == list(range(1, STEPS + 1))
+    assert [e.value for e in acc.Scalars("train/loss_step") if e.step > CKPT_EVERY] == pytest.approx(
+        [losses[s] for s in range(CKPT_EVERY + 1, STEPS + 1)]
+    )
+
+    # Export consolidates the ZeRO partitions into fp32 weights that load strictly into the model.
+    out = tmp_path / "weights.pth"
+    subprocess.run(
+        [sys.executable, "-m", "pvt_dist.export", str(run), str(out)],
+        check=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
+    sd = torch.load(out, map_location="cpu", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    model = build_model("pvt_v2_b0", num_classes=10, img_size=32)
+    missing, unexpected = load_pretrained(model, out)
+    assert not missing and not unexpected
+    init = build_model("pvt_v2_b0", num_classes=10, img_size=32).state_dict()
+    assert not torch.equal(sd["head.weight"], init["head.weight"])  # trained weights, not the init
+    if stage < 3:
+        ema_out = tmp_path / "ema.pth"
+        cmd = [sys.executable, "-m", "pvt_dist.export", str(run), str(ema_out), "--ema"]
+        subprocess.run(cmd, check=True, env=_env(), cwd=ROOT, timeout=300)
+        ema = torch.load(ema_out, map_location="cpu", weights_only=True)
+        model.load_state_dict(ema, strict=True)
+        assert not torch.equal(ema["head.weight"], sd["head.weight"])
+
+
+def test_zero0_export_and_bad_launch(tiny_config, tmp_path):
+    """Stage 0 has no ZeRO partitions: export takes the bf16 optimizer's fp32 masters."""
+    from pvt_dist.models import build_model
+
+    run = tmp_path / "run0"
+    torchrun(
+        tiny_config,
+        f"run_dir={run}",
+        "deepspeed.zero_stage=0",
+        "schedule.total_steps=3",
+        "checkpoint.every_steps=3",
+    )
+    out = tmp_path / "w0.pth"
+    subprocess.run(
+        [sys.executable, "-m", "pvt_dist.export", str(run), str(out)],
+        check=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
+    sd = torch.load(out, map_location="cpu", weights_only=True)
+    model = build_model("pvt_v2_b0", num_classes=10, img_size=32)
+    model.load_state_dict(sd, strict=True)
+    # The fp32 masters, each matched to its name: within bf16 rounding of the trained bf16 module.
+    module = torch.load(
+        run / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt", weights_only=False
+    )
+    for name, bf16 in module["module"].items():
+        assert sd[name].dtype == torch.float32
+        torch.testing.assert_close(sd[name].to(torch.bfloat16), bf16, rtol=0, atol=0)
+
+    # A global batch that the world size cannot produce fails fast on every rank, naming the key.
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+    ]
+    cmd += [str(ROOT / "launch" / "train.py"), "--config", str(tiny_config), f"run_dir={tmp_path / 'bad'}"]
+    cmd += ["deepspeed.global_batch=96"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "deepspeed.global_batch: 96 != micro_batch 32 x grad_accum 1 x world size 2" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_nonfinite_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+    """lr 1e30 from step 2 on: the weights explode, the step-3 loss is NaN. The run stops naming the
+    intact checkpoint, and none is written for the failed step."""
+    run = tmp_path / "nan"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=1",
+        f"--master_port={_free_port()}",
+    ]
+    cmd += [str(ROOT / "launch" / "train.py"), "--config", str(tiny_config), f"run_dir={run}"]
+    cmd += ["optim.lr=1e30", "schedule.total_steps=5", "checkpoint.every_steps=1", "deepspeed.zero_stage=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "non-finite loss at step 3 under bf16" in proc.stderr, proc.stderr[-3000:]
+    assert "(step_00000002)" in proc.stderr
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert not (run / "checkpoints" / "step_00000003").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_dynamic_loss_scale_gpu(tiny_config, tmp_path):
+    """fp16 (refused by DeepSpeed on CPU): loss scale and skipped steps are logged, the loss goes down."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "fp16"
+    torchrun(tiny_config, f"run_dir={run}", "deepspeed.precision=fp16", "deepspeed.zero_stage=2", nproc=1)
+    losses = step_losses(run)
+    assert sum(losses[s] for s in range(STEPS - 2, STEPS + 1)) < sum(losses[s] for s in (1, 2, 3))
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert {"train/loss_scale", "train/skipped_steps"} <= set(acc.Tags()["scalars"])
