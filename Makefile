@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # DeepSpeed JIT-compiles a communication op on first init (~80 s): cache it inside the ignored build area.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: all venv system-deps cluster lint format test test-all demo bench clean
 
