@@ -320,7 +320,8 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
     return _deep_merge(_read_yaml(os.path.join(os.path.dirname(path), base), (*seen, path)), data)
 
 
-def _apply_override(data: dict, item: str) -> None:
+def _apply_override(data: dict, item: str, root: type) -> None:
+    """Set the dotted ``key=value`` in the raw dict ``data``, checking each key against ``root``."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-3)")
     key, raw = item.split("=", 1)
@@ -330,7 +331,7 @@ def _apply_override(data: dict, item: str) -> None:
     except yaml.YAMLError:
         value = raw
     parts = key.split(".")
-    node, cls = data, TrainConfig
+    node, cls = data, root
     for i, part in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields:
@@ -346,12 +347,17 @@ def _apply_override(data: dict, item: str) -> None:
         node = node.setdefault(part, {})
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Defaults, then the YAML file (with ``_base_`` includes), then ``key=value`` overrides."""
+def load_config(
+    path: str | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = TrainConfig
+) -> Any:
+    """Defaults, then the YAML file (with ``_base_`` includes), then ``key=value`` overrides.
+
+    ``cls`` is the root dataclass: ``TrainConfig`` for stage 1, the detector's config for stage 2.
+    """
     data = _read_yaml(path) if path else {}
     for item in overrides:
-        _apply_override(data, item)
-    return _from_dict(TrainConfig, data, "")
+        _apply_override(data, item, cls)
+    return _from_dict(cls, data, "")
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -8,11 +8,7 @@ defaults < YAML (with ``_base_`` includes) < dotted ``key=value`` overrides; err
 from __future__ import annotations
 
 import copy
-import dataclasses
-import typing
 from dataclasses import dataclass, field
-
-import yaml
 
 from pvt_dist.config import (
     CheckpointConfig,
@@ -21,8 +17,7 @@ from pvt_dist.config import (
     DistConfig,
     EvalConfig,
     LoggingConfig,
-    _from_dict,
-    _read_yaml,
+    load_config,
     resolve_batch,
 )
 
@@ -105,38 +100,9 @@ class DetrTrainConfig:
     """Validation images drawn with predicted and ground-truth boxes into TensorBoard at each evaluation."""
 
 
-def _apply_override(data: dict, item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-3)")
-    key, raw = item.split("=", 1)
-    key = key.strip().removeprefix("--")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    parts = key.split(".")
-    node, cls = data, DetrTrainConfig
-    for i, part in enumerate(parts):
-        fields = {f.name for f in dataclasses.fields(cls)}
-        if part not in fields:
-            raise ConfigError(
-                f"{'.'.join(parts[: i + 1])}: unknown key (valid keys: {', '.join(sorted(fields))})"
-            )
-        if i == len(parts) - 1:
-            node[part] = value
-            return
-        cls = typing.get_type_hints(cls)[part]
-        if not dataclasses.is_dataclass(cls):
-            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {key}")
-        node = node.setdefault(part, {})
-
-
 def load_detr_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DetrTrainConfig:
     """Defaults, then the YAML file, then ``key=value`` overrides."""
-    data = _read_yaml(path) if path else {}
-    for item in overrides:
-        _apply_override(data, item)
-    return _from_dict(DetrTrainConfig, data, "")
+    return load_config(path, overrides, cls=DetrTrainConfig)
 
 
 def resolve_detr_config(cfg: DetrTrainConfig, world_size: int) -> DetrTrainConfig:

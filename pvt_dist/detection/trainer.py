@@ -19,11 +19,11 @@ import torch
 from pvt_dist import distributed as pdist
 from pvt_dist.config import dump_config, to_dict
 from pvt_dist.distributed import DistEnv
-from pvt_dist.engine.checkpoint import CheckpointManager, check_writable
-from pvt_dist.engine.cpu_bf16 import fp32_gemm, use_fp32_gemm
+from pvt_dist.engine.checkpoint import check_writable
+from pvt_dist.engine.cpu_bf16 import fp32_gemm
 from pvt_dist.engine.ds_config import build_deepspeed_config
 from pvt_dist.engine.logger import MetricLogger
-from pvt_dist.engine.trainer import DTYPES, DataStream, Trainer, seed_all, set_rng_state
+from pvt_dist.engine.trainer import DataStream, Trainer, seed_all, set_rng_state
 
 from .config import DetrTrainConfig
 from .criterion import build_criterion
@@ -60,16 +60,7 @@ class DetrTrainer(Trainer):
         # Trainer.__init__ builds stage 1's classifier and data; the attributes its loop reads are set here.
         import deepspeed
 
-        self.t_start = time.perf_counter()
-        self.cfg, self.env, self.device = cfg, env, device
-        self.preemption = preemption
-        self.rank, self.world = env.rank, env.world_size
-        self.dtype = DTYPES[cfg.deepspeed.precision]
-        self.fp32_gemm = use_fp32_gemm(cfg.deepspeed.precision, device, cfg.deepspeed.cpu_bf16_math)
-        self.run_dir = os.path.abspath(cfg.run_dir)
-        self.ckpt = CheckpointManager(
-            os.path.join(self.run_dir, "checkpoints"), self.rank, self.world, cfg.checkpoint.keep_last
-        )
+        self._setup_run(cfg, env, device, preemption)
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
         pdist.barrier()

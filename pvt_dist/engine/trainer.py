@@ -107,12 +107,8 @@ def prepare_run_dir(run_dir: str, rank: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv, device: torch.device, preemption=None):
-        import deepspeed
-
-        from pvt_dist.data import build_loader, build_mixup
-        from pvt_dist.models import build_model, load_pretrained
-
+    def _setup_run(self, cfg, env: DistEnv, device: torch.device, preemption) -> None:
+        """What the loop of both stages reads: ranks, precision, run directory, checkpoint manager."""
         self.t_start = time.perf_counter()
         self.cfg, self.env, self.device = cfg, env, device
         self.preemption = preemption
@@ -123,6 +119,14 @@ class Trainer:
         self.ckpt = CheckpointManager(
             os.path.join(self.run_dir, "checkpoints"), self.rank, self.world, cfg.checkpoint.keep_last
         )
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, device: torch.device, preemption=None):
+        import deepspeed
+
+        from pvt_dist.data import build_loader, build_mixup
+        from pvt_dist.models import build_model, load_pretrained
+
+        self._setup_run(cfg, env, device, preemption)
         prepare_run_dir(self.run_dir, self.rank)
         resume_tag = self.ckpt.latest() if cfg.checkpoint.resume else None
 
