@@ -1,0 +1,219 @@
+"""DALI pipelines: one definition for GPU ("mixed" nvJPEG decoding + GPU ops) and CPU (device_id=None).
+
+Local shards are read by DALI's webdataset reader with the index files; remote shards (http, s3, pipe:)
+are streamed by the webdataset library into `fn.external_source` and decoded by the same graph. A fresh
+pipeline is built per epoch with a seed from (seed, epoch, rank), which makes the order a function of the
+epoch; mid-epoch state is DALI's own checkpoint (reader position, shuffle buffer and operator RNGs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
+
+from pvt_dist.data.config import DataConfig, parse_rand_augment
+from pvt_dist.data.loader import ShardLoader, parse_label
+from pvt_dist.data.stream import external_source_batches
+
+INTERP = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR, "nearest": types.INTERP_NN}
+
+
+def shorter_side_size(jpegs, short: int):
+    """Per-sample (H', W') after resizing the shorter side to `short`, as torchvision/timm compute it:
+    the longer side is floor(short * long / shorter). DALI's own resize_shorter rounds it instead, which
+    scales e.g. 640x427 photos differently from the reference pipeline.
+
+    The size comes from the JPEG header (CPU, before decoding), so the GPU path needs no GPU->CPU sync.
+    """
+    hw = fn.peek_image_shape(jpegs, dtype=types.INT32, adjust_orientation=False)[0:2]
+    shorter = dmath.min(hw[0], hw[1])
+    return (short * hw) // shorter
+
+
+def center_crop_anchor(size_hw, crop: int):
+    """torchvision's center-crop corner, round-half-to-even((in - crop) / 2), per axis.
+
+    DALI's crop_pos=0.5 rounds .5 up: on odd margins one pixel off the torchvision/timm crop, which on
+    small sharp images (28 px Fashion-MNIST) alone costs ~20/255 mean absolute difference.
+    """
+    margin = size_hw - crop
+    half = margin // 2
+    return half + (margin - 2 * half) * (half - 2 * (half // 2))  # +1 only when margin odd and half odd
+
+
+@pipeline_def(enable_conditionals=True, enable_checkpointing=True)
+def image_pipeline(cfg: DataConfig, train: bool, gpu: bool, reader: dict | None = None, source=None):
+    """Outputs: images float [B,C,S,S] normalized (C=3, or 1 without gray_to_rgb), raw `.cls` bytes [B],
+    sample names as bytes [B] ("shard.tar:offset:key.jpg" from the reader, "shard.tar:key" from a source)."""
+    if source is None:
+        jpegs, cls = fn.readers.webdataset(
+            **reader, ext=["jpg", "cls"], missing_component_behavior="error", name="reader"
+        )
+        names = fn.get_property(jpegs, key="source_info")
+    else:
+        jpegs, cls, names = fn.external_source(source=source, num_outputs=3, batch=True, dtype=types.UINT8)
+    decode_dev = "mixed" if gpu else "cpu"
+    out_type = types.RGB if cfg.gray_to_rgb else types.GRAY
+    channels = 3 if cfg.gray_to_rgb else 1
+    mean = [255.0 * m for m in cfg.mean[:channels]]
+    std = [255.0 * s for s in cfg.std[:channels]]
+    interp = INTERP[cfg.interpolation]
+    if train:
+        size = cfg.train_size
+        images = fn.decoders.image_random_crop(
+            jpegs,
+            device=decode_dev,
+            output_type=out_type,
+            random_area=list(cfg.scale),
+            random_aspect_ratio=list(cfg.ratio),
+            num_attempts=10,
+            adjust_orientation=False,  # like PIL/timm: EXIF orientation is not applied
+        )
+        images = fn.resize(images, size=[size, size], interp_type=interp, antialias=True)
+        if cfg.rand_augment:
+            from nvidia.dali.auto_aug import rand_augment
+
+            n, m = parse_rand_augment(cfg.rand_augment)
+            images = rand_augment.rand_augment(images, n=n, m=m, fill_value=128)
+        images = fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=mean,
+            std=std,
+            mirror=fn.random.coin_flip(probability=cfg.hflip),
+        )
+    else:
+        size = cfg.val_size
+        images = fn.decoders.image(jpegs, device=decode_dev, output_type=out_type, adjust_orientation=False)
+        hw = shorter_side_size(jpegs, math.floor(size / cfg.crop_pct))  # [2] int: (H', W')
+        hw_f = fn.cast(hw, dtype=types.FLOAT)
+        images = fn.resize(images, resize_y=hw_f[0], resize_x=hw_f[1], interp_type=interp, antialias=True)
+        images = fn.slice(
+            images, center_crop_anchor(hw, size), [size, size], axes=[0, 1],
+            normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad",
+        )  # fmt: skip
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
+    return images, cls, names
+
+
+def _name(raw: np.ndarray) -> str:
+    """Reader source_info "/dir/shard.tar:offset:key.jpg" or source "shard.tar:key" -> "shard.tar:key"."""
+    text = bytes(raw).decode("utf-8", "replace")
+    parts = text.split(":")
+    if len(parts) >= 3:
+        return f"{os.path.basename(':'.join(parts[:-2]))}:{parts[-1].split('.', 1)[0]}"
+    return text
+
+
+class DaliLoader(ShardLoader):
+    """DALI backend of `build_loader` (see loader.py for the contract)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        cfg = self.cfg
+        gpu = cfg.device == "gpu" or (cfg.device == "auto" and self.device.type == "cuda")
+        if gpu and not torch.cuda.is_available():
+            raise ValueError("data.device: 'gpu' needs a CUDA device; use 'cpu' or 'auto'")
+        self.gpu = gpu
+        self.dali_device = "gpu" if gpu else "cpu"
+        self.device_id = None
+        if gpu:  # decode on the output device when it is a GPU, else on the current one
+            self.device_id = (
+                self.device.index
+                if self.device.type == "cuda" and self.device.index is not None
+                else (torch.cuda.current_device())
+            )
+        self._pipe = None
+
+    def _build(self, epoch: int, start_batch: int, checkpoint):
+        cfg, shards = self.cfg, self.shards
+        begin, end = self.rank_samples(epoch)
+        seed = self.epoch_seed(epoch)
+        kw = dict(
+            batch_size=self.micro_batch,
+            num_threads=cfg.num_threads,
+            device_id=self.device_id,
+            seed=seed,
+            prefetch_queue_depth=cfg.prefetch,
+        )
+        if shards.remote:
+            source = external_source_batches(
+                shards, begin, end, seed if self.train else None, cfg.shuffle_buffer,
+                self.batches_per_epoch, self.micro_batch, start_batch,
+            )  # fmt: skip
+            # The stream is positioned by skipping consumed batches, so DALI need not checkpoint it.
+            pipe = image_pipeline(
+                cfg=cfg, train=self.train, gpu=self.gpu, source=source, enable_checkpointing=False, **kw
+            )
+        else:
+            reader = dict(
+                paths=shards.urls,
+                index_paths=shards.index_paths,
+                shard_id=self.rank_slot(epoch),
+                num_shards=self.world_size,
+                random_shuffle=self.train,
+                initial_fill=cfg.shuffle_buffer,
+                pad_last_batch=not self.train,
+                stick_to_shard=True,
+                seed=seed,
+            )
+            pipe = image_pipeline(
+                cfg=cfg, train=self.train, gpu=self.gpu, reader=reader, checkpoint=checkpoint, **kw
+            )
+        pipe.build()
+        return pipe
+
+    def _checkpoint(self):
+        # Remote streams are positioned by skipping consumed batches; the reader state is local-only.
+        if self._pipe is None or self.shards.remote:
+            return None
+        return self._pipe.checkpoint()
+
+    def _to_torch(self, tl) -> torch.Tensor:
+        tensor = tl.as_tensor()
+        if self.gpu:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            dev = torch.device("cuda", self.device_id)
+            out = torch.empty(tensor.shape(), dtype=torch.float32, device=dev)
+            feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(dev))
+            return out
+        return torch.from_numpy(np.array(tensor))
+
+    def _run_epoch(self, epoch, start_batch, backend_state):
+        local = not self.shards.remote
+        exact = backend_state is not None or start_batch == 0 or not local
+        # A local mid-epoch position without a DALI checkpoint (a hand-made state) is reached by replaying
+        # the epoch: slower, but the same samples and augmentations.
+        self._pipe = self._build(epoch, start_batch if not local else 0, backend_state if local else None)
+        first = start_batch if exact else 0
+        begin, end = self.rank_samples(epoch)
+        real_total = end - begin
+        fld = self.shards.field
+        for i in range(first, self.batches_per_epoch):
+            try:
+                images, cls, names = self._pipe.run()
+            except Exception as e:
+                # DALI names the failing sample by its source_info "/path/shard.tar:offset:key.ext".
+                m = re.search(r"(\S+\.tar):(\d+):([^\s.]+)\.(\w+)", str(e))
+                where = f"shard {m.group(1)}, sample {m.group(3)!r} (.{m.group(4)})" if m else "a shard"
+                raise RuntimeError(
+                    f"{fld}: DALI failed on {where} in epoch {epoch}, batch {i} of rank {self.rank}: {e}"
+                ) from e
+            if i < start_batch:
+                continue
+            keys = [_name(names.at(j)) for j in range(len(names))]
+            real = max(0, min(self.micro_batch, real_total - i * self.micro_batch))
+            labels = [
+                parse_label(bytes(cls.at(j)), keys[j], self.cfg.num_classes, fld) if j < real else -1
+                for j in range(len(keys))
+            ]
+            yield self._to_torch(images), torch.tensor(labels, dtype=torch.int64), keys
+        self._pipe = None

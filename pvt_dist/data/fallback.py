@@ -1,0 +1,122 @@
+"""Loader without DALI: webdataset reads the shards, PIL decodes, torchvision/timm transform.
+
+Same rank plan, batch layout and resume semantics as the DALI backend, and the reference that DALI's
+validation output is compared against. Worker w of a DataLoader decodes batches w, w+W, ... of the
+rank's stream (every worker reads the stream, skipping foreign samples without decoding them); the
+DataLoader's round-robin collection then returns the batches in order, independent of worker count.
+Each sample's augmentation RNG is seeded from (seed, epoch, rank, batch, slot), so a resumed epoch
+produces the same tensors as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision import transforms as T
+
+from pvt_dist.data.config import DataConfig
+from pvt_dist.data.loader import ShardLoader, mix_seed, parse_label
+from pvt_dist.data.stream import epoch_batches, rank_stream, sample_name
+
+INTERP = {
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "nearest": T.InterpolationMode.NEAREST,
+}
+
+
+def build_transform(cfg: DataConfig, train: bool) -> T.Compose:
+    """PIL image -> float tensor [C,S,S] normalized; mirrors the DALI graph in dali_pipeline.py."""
+    channels = 3 if cfg.gray_to_rgb else 1
+    interp = INTERP[cfg.interpolation]
+    if train:
+        ops = [
+            T.RandomResizedCrop(cfg.train_size, scale=cfg.scale, ratio=cfg.ratio, interpolation=interp),
+            T.RandomHorizontalFlip(cfg.hflip),
+        ]
+        if cfg.rand_augment:
+            from timm.data.auto_augment import rand_augment_transform
+
+            hparams = {
+                "translate_const": int(cfg.train_size * 0.45),
+                "img_mean": tuple(round(255 * m) for m in cfg.mean),
+            }
+            ops.append(rand_augment_transform(cfg.rand_augment, hparams))
+    else:
+        ops = [
+            T.Resize(math.floor(cfg.val_size / cfg.crop_pct), interpolation=interp),
+            T.CenterCrop(cfg.val_size),
+        ]
+    ops += [T.ToTensor(), T.Normalize(cfg.mean[:channels], cfg.std[:channels])]
+    return T.Compose(ops)
+
+
+class _EpochStream(IterableDataset):
+    """One rank's epoch as batches (images [B,C,S,S], labels [B] with -1 padding, names)."""
+
+    def __init__(self, loader: FallbackLoader, epoch: int, start_batch: int):
+        self.cfg, self.shards = loader.cfg, loader.shards
+        self.begin, self.end = loader.rank_samples(epoch)
+        self.seed = loader.epoch_seed(epoch)
+        self.train = loader.train
+        self.num_batches, self.batch, self.start = loader.batches_per_epoch, loader.micro_batch, start_batch
+        self.transform = build_transform(self.cfg, self.train)
+
+    def _decode(self, s: dict, seed: int) -> torch.Tensor:
+        name = sample_name(s["__url__"], s["__key__"])
+        try:
+            im = Image.open(io.BytesIO(s["jpg"]))
+            im = im.convert("RGB" if self.cfg.gray_to_rgb else "L")
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
+            raise ValueError(f"{self.shards.field}: sample {name}: cannot decode .jpg: {e}") from None
+        random.seed(seed)
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed also walks CUDA lazy init: ~6 ms
+        return self.transform(im)
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        stream = rank_stream(
+            self.shards, self.begin, self.end, self.seed if self.train else None, self.cfg.shuffle_buffer
+        )
+        for b, group, real in epoch_batches(
+            stream, self.end - self.begin, self.num_batches, self.batch, self.start
+        ):
+            if (b - self.start) % nw != wid:
+                continue
+            # With num_workers=0 this runs in the trainer's process between steps: leave its RNGs as found.
+            py_state, torch_state = random.getstate(), torch.get_rng_state()
+            try:
+                images = torch.stack(
+                    [self._decode(s, mix_seed(self.seed, b, j)) for j, s in enumerate(group)]
+                )
+            finally:
+                random.setstate(py_state)
+                torch.set_rng_state(torch_state)
+            names = [sample_name(s["__url__"], s["__key__"]) for s in group]
+            labels = [
+                parse_label(s["cls"], names[j], self.cfg.num_classes, self.shards.field) if j < real else -1
+                for j, s in enumerate(group)
+            ]
+            yield images, torch.tensor(labels, dtype=torch.int64), names
+
+
+class FallbackLoader(ShardLoader):
+    """webdataset + PIL + torchvision backend of `build_loader` (see loader.py for the contract)."""
+
+    def _run_epoch(self, epoch, start_batch, backend_state):
+        workers = self.cfg.num_threads if self.cfg.fallback_workers is None else self.cfg.fallback_workers
+        workers = min(workers, self.batches_per_epoch - start_batch)  # idle workers would only re-read
+        dl = DataLoader(
+            _EpochStream(self, epoch, start_batch),
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=self.cfg.prefetch if workers else None,
+            pin_memory=self.device.type == "cuda",
+        )
+        yield from dl

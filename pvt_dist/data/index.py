@@ -1,0 +1,231 @@
+"""Shard lists: expanding shard specs, reading DALI index files and manifests, catching bad shards early.
+
+Every check here runs before the first batch so that a missing, truncated or re-written shard fails the
+job at start-up with the shard and sample key in the message instead of hours into an epoch.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+
+import braceexpand
+
+from pvt_dist.data.config import is_remote
+
+MANIFEST = "manifest.json"
+REQUIRED_EXTS = ("jpg", "cls")
+
+
+@dataclass
+class IndexEntry:
+    """One sample of a shard as recorded in its DALI index file."""
+
+    key: str
+    components: dict[str, tuple[int, int]]  # ext -> (data offset, size) in bytes
+
+
+@dataclass
+class ShardSet:
+    """The resolved shards of one split."""
+
+    field: str  # config field the shards came from, for error messages ("data.train_shards")
+    urls: list[str]  # local paths or remote URLs, in dataset order
+    counts: list[int]  # samples per shard
+    index_paths: list[str] = field(default_factory=list)  # local only: DALI .idx per shard
+    remote: bool = False
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+
+def index_path_for(tar_path: str) -> str:
+    """train-000001.tar -> train-000001.idx (the convention make_shards and wds2idx use)."""
+    return tar_path[: -len(".tar")] + ".idx" if tar_path.endswith(".tar") else tar_path + ".idx"
+
+
+def read_manifest(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_index(idx_path: str) -> list[IndexEntry]:
+    """Parse a DALI webdataset index ("v1.2 N" then per sample: `ext offset size name` groups)."""
+    with open(idx_path) as f:
+        header = f.readline().split()
+        if len(header) != 2 or not header[0].startswith("v"):
+            raise ValueError(f"{idx_path}: not a DALI webdataset index (header {' '.join(header)!r})")
+        entries = []
+        for line in f:
+            parts = line.split()
+            if not parts:
+                continue
+            comps, key = {}, None
+            for i in range(0, len(parts) - 3, 4):
+                ext, off, size, name = parts[i : i + 4]
+                comps[ext] = (int(off), int(size))
+                key = name[: name.find(".")] if "." in name else name
+            entries.append(IndexEntry(key=key, components=comps))
+    if len(entries) != int(header[1]):
+        raise ValueError(f"{idx_path}: header says {header[1]} samples, found {len(entries)}")
+    return entries
+
+
+def index_count(tar_path: str, idx_path: str, fld: str) -> int:
+    """Samples in a shard from its index header alone (cheap; no validation of the shard)."""
+    if not os.path.isfile(tar_path):
+        raise FileNotFoundError(f"{fld}: shard {tar_path} does not exist")
+    try:
+        with open(idx_path) as f:
+            return int(f.readline().split()[1])
+    except (OSError, IndexError, ValueError):
+        raise FileNotFoundError(f"{fld}: shard {tar_path} has no readable index {idx_path}") from None
+
+
+def _tar_member_name(header: bytes) -> str:
+    """Name stored in a 512-byte ustar header (prefix + name)."""
+    name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return f"{prefix}/{name}" if prefix else name
+
+
+def check_shard(tar_path: str, idx_path: str, fld: str, num_classes: int | None = None) -> int:
+    """Validate a local shard against its index; return its sample count.
+
+    Catches: missing tar or index, truncated tar (a sample ends past the end of the file), stale index
+    (headers at the indexed offsets name other members, or the tar holds members after the last indexed
+    sample), and samples without `.jpg` or `.cls`. Errors name the config field, shard and key.
+    """
+    if not os.path.isfile(tar_path):
+        raise FileNotFoundError(f"{fld}: shard {tar_path} does not exist")
+    if not os.path.isfile(idx_path):
+        raise FileNotFoundError(
+            f"{fld}: index {idx_path} for shard {tar_path} does not exist (create it: `wds2idx {tar_path}`)"
+        )
+    try:
+        entries = read_index(idx_path)
+    except ValueError as e:
+        raise ValueError(f"{fld}: shard {tar_path}: {e}") from None
+    if not entries:
+        raise ValueError(f"{fld}: shard {tar_path} has no samples in {idx_path}")
+    for e in entries:
+        for ext in REQUIRED_EXTS:
+            if ext not in e.components:
+                raise ValueError(
+                    f"{fld}: shard {tar_path}: sample {e.key!r} has no .{ext} component "
+                    f"(has {sorted(e.components)})"
+                )
+    size = os.path.getsize(tar_path)
+    end = max(off + sz for off, sz in entries[-1].components.values())
+    if end > size:
+        raise ValueError(
+            f"{fld}: shard {tar_path} is truncated: sample {entries[-1].key!r} ends at byte {end} "
+            f"but the file has {size} bytes"
+        )
+    with open(tar_path, "rb") as f:
+        for e in (entries[0], entries[-1]):
+            for ext, (off, _) in e.components.items():
+                f.seek(off - 512)
+                name = _tar_member_name(f.read(512))
+                if name != f"{e.key}.{ext}":
+                    raise ValueError(
+                        f"{fld}: stale index {idx_path}: sample {e.key!r} .{ext} is indexed at byte {off} "
+                        f"of {tar_path} but the tar has {name!r} there; re-run `wds2idx {tar_path}`"
+                    )
+        # After the last member only zero blocks (end-of-archive marker + record padding) may follow.
+        f.seek((end + 511) // 512 * 512)
+        trailer = f.read(512)
+        if trailer.strip(b"\0"):
+            raise ValueError(
+                f"{fld}: stale index {idx_path}: {tar_path} has members after the last indexed sample "
+                f"{entries[-1].key!r}; re-run `wds2idx {tar_path}`"
+            )
+    return len(entries)
+
+
+def _expand_local(spec: str, fld: str, split: str) -> list[str]:
+    paths: list[str] = []
+    for part in spec.split("::"):
+        part = os.path.expanduser(part)
+        if os.path.isdir(part):
+            mpath = os.path.join(part, MANIFEST)
+            if not os.path.isfile(mpath):
+                raise FileNotFoundError(f"{fld}: directory {part} has no {MANIFEST}; give a shard pattern")
+            manifest = read_manifest(mpath)
+            if split not in manifest.get("splits", {}):
+                raise ValueError(f"{fld}: {mpath} has no split {split!r}")
+            paths += [os.path.join(part, s["name"]) for s in manifest["splits"][split]["shards"]]
+        elif any(ch in part for ch in "*?["):
+            found = sorted(glob.glob(part))
+            if not found:
+                raise FileNotFoundError(f"{fld}: pattern {part} matches no shard")
+            paths += found
+        else:
+            paths += list(braceexpand.braceexpand(part))
+    return paths
+
+
+S3_COMMAND = "aws s3 cp --quiet {url} -"
+
+
+def stream_url(url: str) -> str:
+    """URL webdataset can open: s3:// has no built-in opener, so it becomes the usual `pipe:aws s3 cp`."""
+    return f"pipe:{S3_COMMAND.format(url=url)}" if url.startswith("s3://") else url
+
+
+def shard_label(url: str) -> str:
+    """Short shard name for messages and sample names: the .tar file name inside a path, URL or pipe."""
+    tars = [tok for tok in url.split() if ".tar" in tok]
+    return os.path.basename(tars[-1] if tars else url)
+
+
+def _remote_counts(urls: list[str], spec: str, fld: str, total: int | None) -> list[int]:
+    """Samples per remote shard, from a manifest.json next to the shards, else spread `total` evenly."""
+    import webdataset as wds
+
+    base = urls[0].rsplit("/", 1)[0]
+    names = [u.rsplit("/", 1)[-1] for u in urls]
+    if not urls[0].startswith("pipe:"):
+        try:
+            with wds.gopen(stream_url(f"{base}/{MANIFEST}"), "rb") as f:
+                manifest = json.load(f)
+            by_name = {
+                s["name"]: s["num_samples"] for sp in manifest["splits"].values() for s in sp["shards"]
+            }
+            if all(n in by_name for n in names):
+                return [by_name[n] for n in names]
+        except Exception:  # noqa: BLE001 - any failure means "no usable manifest"; fall through
+            pass
+    if total is None:
+        raise ValueError(
+            f"{fld}: cannot count the samples of remote shards {spec!r} (no {MANIFEST} next to them); "
+            f"set data.{fld.split('.')[-1].replace('shards', 'samples')}"
+        )
+    base_n, rem = divmod(total, len(urls))
+    return [base_n + (i < rem) for i in range(len(urls))]
+
+
+def resolve_shards(
+    spec: str, fld: str, split: str, num_samples: int | None = None, check: bool = True
+) -> ShardSet:
+    """Turn a shard spec into concrete shards with sample counts; local shards are validated."""
+    if not spec:
+        raise ValueError(f"{fld}: no shards given")
+    if is_remote(spec):
+        urls = [u for part in spec.split("::") for u in braceexpand.braceexpand(part)]
+        counts = _remote_counts(urls, spec, fld, num_samples)
+        return ShardSet(field=fld, urls=[stream_url(u) for u in urls], counts=counts, remote=True)
+    paths = [os.path.abspath(p) for p in _expand_local(spec, fld, split)]
+    idx = [index_path_for(p) for p in paths]
+    counts = [check_shard(p, i, fld) if check else index_count(p, i, fld) for p, i in zip(paths, idx)]
+    if num_samples is not None and num_samples != sum(counts):
+        raise ValueError(f"{fld}: shards hold {sum(counts)} samples but the config says {num_samples}")
+    return ShardSet(field=fld, urls=paths, counts=counts, index_paths=idx)
+
+
+def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Global sample range [begin, end) of a rank: DALI's reader shard split (floor(n*r/w))."""
+    return num_samples * rank // world_size, num_samples * (rank + 1) // world_size

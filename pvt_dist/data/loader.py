@@ -1,0 +1,238 @@
+"""Loader contract shared by the DALI and fallback backends: rank plan, epochs, resume state, device.
+
+Rank plan. The samples of a split are numbered in shard order (n = total). Rank r of w reads the
+contiguous range [n*s/w, n*(s+1)/w) with s = r for validation and s = (r + epoch) % w for training, so
+over epochs every rank sees every part of the data. That is exactly DALI's webdataset reader split for
+`shard_id=s, num_shards=w`, so both backends agree on which samples a rank owns.
+
+- train: batches_per_epoch = (n // w) // micro_batch on every rank (the shortest rank range, full
+  batches only); the rest of a rank's range is shuffled away for that epoch.
+- val: batches_per_epoch = ceil(ceil(n / w) / micro_batch); slots past the rank's own range are padding
+  with label -1, so every sample is scored exactly once across ranks.
+
+Order and augmentation are a function of (seed, epoch, rank); `state_dict()` taken between batches
+lets a new loader continue the epoch with exactly the batches that were not consumed yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Iterator
+
+import torch
+
+from pvt_dist.data.config import DataConfig
+from pvt_dist.data.index import ShardSet, rank_range, resolve_shards
+
+
+def mix_seed(*parts: int) -> int:
+    """Stable 31-bit seed from integers (DALI wants a non-negative int32)."""
+    h = 0x9E3779B1
+    for p in parts:
+        h = (h * 1000003 ^ (int(p) & 0xFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+    return h % (2**31 - 1)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device):
+    """Run timm augmentations (global python/torch RNG) reproducibly without touching the caller's RNG."""
+    state = random.getstate()
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
+    with torch.random.fork_rng(devices=devices):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
+def parse_label(raw: bytes, key: str, num_classes: int, fld: str) -> int:
+    try:
+        label = int(raw)
+    except ValueError:
+        raise ValueError(f"{fld}: sample {key}: .cls is not an integer ({raw[:20]!r})") from None
+    if not 0 <= label < num_classes:
+        raise ValueError(f"{fld}: sample {key}: label {label} outside [0, data.num_classes={num_classes})")
+    return label
+
+
+class ShardLoader:
+    """Base of both backends; subclasses implement `_run_epoch` and optionally `_checkpoint`."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        split: str,
+        shards: ShardSet,
+        rank: int,
+        world_size: int,
+        seed: int,
+        micro_batch: int,
+        device: torch.device,
+        return_keys: bool = False,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.cfg, self.split, self.shards = cfg, split, shards
+        self.train = split == "train"
+        self.rank, self.world_size, self.seed, self.micro_batch = rank, world_size, seed, micro_batch
+        self.device, self.return_keys = device, return_keys
+        self.num_samples = shards.num_samples
+        n, w, b = self.num_samples, world_size, micro_batch
+        if self.train:
+            self.batches_per_epoch = (n // w) // b
+            if self.batches_per_epoch == 0:
+                raise ValueError(
+                    f"{shards.field}: {n} samples cannot fill one batch of {b} on each of {w} ranks"
+                )
+        else:
+            self.batches_per_epoch = math.ceil(math.ceil(n / w) / b)
+        self.epoch = 0
+        self._consumed = 0  # batches of self.epoch already handed out
+        self._resume: dict | None = None
+        self._eraser = None
+        if self.train and cfg.random_erase > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self._eraser = RandomErasing(cfg.random_erase, mode="pixel", max_count=1, device=str(device))
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def rank_slot(self, epoch: int) -> int:
+        """Which of the w contiguous ranges this rank reads in `epoch`."""
+        return (self.rank + epoch) % self.world_size if self.train else self.rank
+
+    def rank_samples(self, epoch: int) -> tuple[int, int]:
+        return rank_range(self.num_samples, self.rank_slot(epoch), self.world_size)
+
+    def epoch_seed(self, epoch: int) -> int:
+        return mix_seed(self.seed, epoch, self.rank, self.train)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration runs; a pending resume of another epoch is dropped."""
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            self._resume = None
+        if epoch != self.epoch:
+            self._consumed = 0
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        """This rank's position after the batches consumed so far, plus the backend state (DALI checkpoint)
+        needed to continue exactly. Ranks differ: save every rank's dict (or a list of all of them)."""
+        sd = {
+            "rank": self.rank,
+            "epoch": self.epoch,
+            "batch": self._consumed,
+            "world_size": self.world_size,
+            "micro_batch": self.micro_batch,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "backend": self.cfg.backend,
+        }
+        if self._resume is not None:  # restored but not iterated yet: hand the restored position on
+            sd.update(epoch=self._resume["epoch"], batch=self._resume["batch"])
+            sd["backend_state"] = self._resume["backend_state"]
+        elif 0 < self._consumed < self.batches_per_epoch:
+            sd["backend_state"] = self._checkpoint()
+        return sd
+
+    def load_state_dict(self, sd: dict | list[dict]) -> None:
+        """Continue from this rank's `state_dict()`, or from the list of every rank's state (by rank)."""
+        if isinstance(sd, (list, tuple)):
+            if len(sd) != self.world_size:
+                raise ValueError(f"data loader state: {len(sd)} rank states for world size {self.world_size}")
+            sd = sd[self.rank]
+        for k in ("world_size", "rank", "micro_batch", "seed", "num_samples"):
+            if sd[k] != getattr(self, k):
+                raise ValueError(
+                    f"data loader state: saved with {k}={sd[k]} but this loader has {getattr(self, k)}; "
+                    "a mid-epoch position only transfers to an identical loader"
+                )
+        epoch, consumed = sd["epoch"], sd["batch"]
+        if consumed >= self.batches_per_epoch:
+            epoch, consumed = epoch + 1, 0
+        if consumed and sd["backend"] != self.cfg.backend:
+            # The backends shuffle differently: another backend cannot tell which samples are left.
+            raise ValueError(
+                f"data.backend: loader state saved mid-epoch by the {sd['backend']!r} backend cannot resume "
+                f"with {self.cfg.backend!r}; switch backends at an epoch boundary"
+            )
+        self.epoch, self._consumed = epoch, consumed
+        self._resume = {"epoch": epoch, "batch": consumed, "backend_state": sd.get("backend_state")}
+
+    def _checkpoint(self):
+        return None
+
+    def _run_epoch(self, epoch: int, start_batch: int, backend_state) -> Iterator:
+        """Yield (images [B,C,H,W] float, labels int64 [B] (-1 = pad), keys list[str]) from start_batch."""
+        raise NotImplementedError
+
+    def __iter__(self):
+        epoch = self.epoch
+        start, state = 0, None
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            start, state = self._resume["batch"], self._resume["backend_state"]
+        self._resume = None
+        self._consumed = start
+        for i, (images, labels, keys) in enumerate(self._run_epoch(epoch, start, state), start):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            if self._eraser is not None:
+                with seeded_rng(mix_seed(self.epoch_seed(epoch), i), self.device):
+                    images = self._eraser(images)
+            self._consumed = i + 1
+            yield (images, labels, keys) if self.return_keys else (images, labels)
+        self.epoch, self._consumed = epoch + 1, 0
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+    return torch.device(device)
+
+
+def build_loader(
+    cfg: DataConfig,
+    split: str = "train",
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    micro_batch: int = 64,
+    device=None,
+    return_keys: bool = False,
+) -> ShardLoader:
+    """Loader of one split for one rank; see the module docstring for the sharding contract.
+
+    Iterating yields `images` float [B,C,H,W] normalized and `labels` int64 [B] on `device` (plus a list
+    of "shard:key" strings when return_keys). Local shards are validated here, before any batch.
+    """
+    cfg.validate()
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    dev = resolve_device(device)
+    fld = f"data.{split}_shards"
+    spec = cfg.train_shards if split == "train" else cfg.val_shards
+    count = cfg.train_samples if split == "train" else cfg.val_samples
+    shards = resolve_shards(spec, fld, split, count)
+    args = (cfg, split, shards, rank, world_size, seed, micro_batch, dev, return_keys)
+    if cfg.backend == "dali":
+        from pvt_dist.data.dali_pipeline import DaliLoader
+
+        return DaliLoader(*args)
+    from pvt_dist.data.fallback import FallbackLoader
+
+    return FallbackLoader(*args)
