@@ -85,7 +85,7 @@ FMNIST_TRAIN, FMNIST_VAL, FMNIST_SHARD = 2048, 512, 512
 def _cached(name: str, build) -> Path:
     """Build `TEST_DATA/name` once across processes and pytest sessions.
 
-    A file lock serialises concurrent builders (several test processes and CI jobs share the cache), and the data is
+    A file lock serialises concurrent builders (parallel test processes share the cache), and the data is
     built in a temporary folder renamed into place, so a crashed build never looks finished.
     """
     TEST_DATA.mkdir(parents=True, exist_ok=True)
