@@ -101,6 +101,52 @@ def test_mid_epoch_resume_is_exact(fmnist_shards, backend):
         build_loader(cfg.replace(backend=other), "train", 1, 2, seed=7, micro_batch=32).load_state_dict(state)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeated_augmentation(fmnist_shards, backend):
+    """repeated_aug=3: each batch is 16 images x 3 views; ranks read disjoint thirds of their halves."""
+    cfg = make_cfg(fmnist_shards, backend=backend, repeated_aug=3, scale=(0.3, 1.0))
+    loaders = [build_loader(cfg, "train", r, 2, seed=5, micro_batch=48, return_keys=True) for r in range(2)]
+    assert loaders[0].batches_per_epoch == (2048 // 2) // 48  # the epoch keeps its length in steps
+    seen = [[], []]
+    for epoch in range(3):
+        for rank, ld in enumerate(loaders):
+            ld.set_epoch(epoch)
+            batches = run(ld)
+            assert len(batches) == 21
+            for x, y, keys in batches:
+                assert (
+                    x.shape == (48, 3, 32, 32) and keys == keys[:16] * 3 and torch.equal(y, y[:16].repeat(3))
+                )
+                views = x.view(3, 16, -1)
+                differ = [
+                    not torch.equal(views[a, j], views[b, j]) for j in range(16) for a, b in ((0, 1), (1, 2))
+                ]
+                assert sum(differ) >= 28, "the three views of an image must be augmented independently"
+            seen[rank] += [k for _, _, keys in batches for k in keys[:16]]
+    # 3 epochs x 21 batches x 16 distinct images per rank, none read twice, by either rank: over 3 epochs
+    # the two ranks covered the 6 ranges the split is cut into (336 of each range's ~341 samples).
+    assert len(seen[0]) == len(set(seen[0])) == 1008 and not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0]) | set(seen[1])) == 2016
+    # Mid-epoch resume stays exact with repeated views.
+    ld = build_loader(cfg, "train", 1, 2, seed=5, micro_batch=48, return_keys=True)
+    head, state = run(ld, limit=4), ld.state_dict()
+    tail = build_loader(cfg, "train", 1, 2, seed=5, micro_batch=48, return_keys=True)
+    tail.load_state_dict(state)
+    full = run(build_loader(cfg, "train", 1, 2, seed=5, micro_batch=48, return_keys=True), limit=7)
+    for (xa, _, ka), (xb, _, kb) in zip(full[4:], run(tail, limit=3)):
+        assert ka == kb and torch.equal(xa, xb)
+    assert len(head) == 4
+    # A micro batch that 3 does not divide: ceil(50 / 3) = 17 images, 51 views cut to 50.
+    (x, y, keys), *_ = run(
+        build_loader(cfg, "train", 0, 2, seed=5, micro_batch=50, return_keys=True), limit=1
+    )
+    assert x.shape[0] == 50 and keys == (keys[:17] * 3)[:50] and len(set(keys)) == 17
+    with pytest.raises(ValueError, match="repeats=3 but this loader has 1"):
+        build_loader(cfg.replace(repeated_aug=1), "train", 1, 2, seed=5, micro_batch=48).load_state_dict(
+            state
+        )
+
+
 def val_pixel_difference(cfg: DataConfig, micro_batch: int) -> float:
     """Mean |DALI - fallback| of the validation outputs in 0-255 pixel units; also checks keys and labels."""
     dali = run(build_loader(cfg, "val", 0, 1, seed=0, micro_batch=micro_batch, return_keys=True))

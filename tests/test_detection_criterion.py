@@ -2,12 +2,12 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from launch_helpers import free_port
 
 from pvt_dist.detection.box_ops import generalized_box_iou
 from pvt_dist.detection.criterion import LossConfig, build_criterion, build_weight_dict
@@ -114,12 +114,6 @@ def test_bad_targets_are_clear_errors():
         generalized_box_iou(torch.tensor([[0.0, 0.0, float("nan"), 1.0]]), torch.tensor([[0.0, 0, 1, 1]]))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _num_boxes_worker(rank, port, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -138,7 +132,7 @@ def _num_boxes_worker(rank, port, q):
 def test_num_boxes_all_reduced_across_ranks():
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_num_boxes_worker, args=(r, port, q)) for r in range(2)]
     for p in procs:
         p.start()

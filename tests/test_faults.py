@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,9 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import ROOT, TRAIN, free_port, rank_env
 
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN = ROOT / "launch" / "train.py"
 STEPS = 8
 pytestmark = pytest.mark.faults
 
@@ -43,23 +41,9 @@ def train_main():
     return module.main
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(ROOT / "build" / "torch_extensions"))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(k, None)
-    return env
-
-
 def launch(launcher: str, config: Path, *overrides: str, log: Path, nproc: int = 2) -> subprocess.Popen:
     """Start a training run in its own session (so a failed test can end all of it), output to `log`."""
-    port = f"--master_port={_free_port()}"
+    port = f"--master_port={free_port()}"
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", port, str(TRAIN)]
     elif launcher == "deepspeed":
@@ -69,7 +53,7 @@ def launch(launcher: str, config: Path, *overrides: str, log: Path, nproc: int =
     cmd += ["--config", str(config), *overrides]
     out = open(log, "w")  # noqa: SIM115 - closed by finish()
     proc = subprocess.Popen(
-        cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, start_new_session=True
+        cmd, stdout=out, stderr=subprocess.STDOUT, env=rank_env(), cwd=ROOT, start_new_session=True
     )
     proc.log_file, proc.log_path = out, log
     return proc

@@ -7,41 +7,25 @@ the weights, read the TensorBoard events back. Processes are started with torchr
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import ROOT, free_port, rank_env
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS, CKPT_EVERY = 12, 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(ROOT / "build" / "torch_extensions"))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def torchrun(
     config: Path, *overrides: str, nproc: int = 2, timeout: int = 300
 ) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-    cmd += [f"--master_port={_free_port()}", str(ROOT / "launch" / "train.py"), "--config", str(config)]
+    cmd += [f"--master_port={free_port()}", str(ROOT / "launch" / "train.py"), "--config", str(config)]
     proc = subprocess.run(
-        [*cmd, *overrides], capture_output=True, text=True, env=_env(), timeout=timeout, cwd=ROOT
+        [*cmd, *overrides], capture_output=True, text=True, env=rank_env(), timeout=timeout, cwd=ROOT
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -141,7 +125,7 @@ def test_zero_stage_train_resume_export(stage, tiny_config, tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pvt_dist.export", str(run), str(out)],
         check=True,
-        env=_env(),
+        env=rank_env(),
         cwd=ROOT,
         timeout=300,
     )
@@ -155,10 +139,37 @@ def test_zero_stage_train_resume_export(stage, tiny_config, tmp_path):
     if stage < 3:
         ema_out = tmp_path / "ema.pth"
         cmd = [sys.executable, "-m", "pvt_dist.export", str(run), str(ema_out), "--ema"]
-        subprocess.run(cmd, check=True, env=_env(), cwd=ROOT, timeout=300)
+        subprocess.run(cmd, check=True, env=rank_env(), cwd=ROOT, timeout=300)
         ema = torch.load(ema_out, map_location="cpu", weights_only=True)
         model.load_state_dict(ema, strict=True)
         assert not torch.equal(ema["head.weight"], sd["head.weight"])
+
+
+def test_zero2_cpu_offload_with_repeated_augmentation(tiny_config, tmp_path):
+    """ZeRO-Offload (DeepSpeedCPUAdam, JIT-built once) and repeated augmentation: trains, resumes exactly."""
+    from pvt_dist.models import build_model
+
+    run = tmp_path / "offload"
+    extra = ("deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu", "data.repeated_aug=2")
+    torchrun(tiny_config, f"run_dir={run}", *extra, timeout=600)
+    losses = step_losses(run)
+    assert sum(losses[s] for s in range(STEPS - 2, STEPS + 1)) < sum(losses[s] for s in (1, 2, 3)) - 0.3, (
+        losses
+    )
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS:08d}")
+    (resumed / "checkpoints" / "latest").write_text(f"step_{CKPT_EVERY:08d}")
+    torchrun(tiny_config, f"run_dir={resumed}", *extra)
+    again = step_losses(resumed)
+    assert [again[s] for s in range(CKPT_EVERY + 1, STEPS + 1)] == [
+        losses[s] for s in range(CKPT_EVERY + 1, STEPS + 1)
+    ]
+    out = tmp_path / "weights.pth"
+    cmd = [sys.executable, "-m", "pvt_dist.export", str(run), str(out)]
+    subprocess.run(cmd, check=True, env=rank_env(), cwd=ROOT, timeout=300)
+    model = build_model("pvt_v2_b0", num_classes=10, img_size=32)
+    model.load_state_dict(torch.load(out, map_location="cpu", weights_only=True), strict=True)
 
 
 def test_zero0_export_and_bad_launch(tiny_config, tmp_path):
@@ -177,7 +188,7 @@ def test_zero0_export_and_bad_launch(tiny_config, tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pvt_dist.export", str(run), str(out)],
         check=True,
-        env=_env(),
+        env=rank_env(),
         cwd=ROOT,
         timeout=300,
     )
@@ -198,11 +209,11 @@ def test_zero0_export_and_bad_launch(tiny_config, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
     ]
     cmd += [str(ROOT / "launch" / "train.py"), "--config", str(tiny_config), f"run_dir={tmp_path / 'bad'}"]
     cmd += ["deepspeed.global_batch=96"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=rank_env(), timeout=120, cwd=ROOT)
     assert proc.returncode != 0
     assert "deepspeed.global_batch: 96 != micro_batch 32 x grad_accum 1 x world size 2" in proc.stderr
     assert not (tmp_path / "bad").exists()
@@ -217,11 +228,11 @@ def test_nonfinite_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=1",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
     ]
     cmd += [str(ROOT / "launch" / "train.py"), "--config", str(tiny_config), f"run_dir={run}"]
     cmd += ["optim.lr=1e30", "schedule.total_steps=5", "checkpoint.every_steps=1", "deepspeed.zero_stage=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=rank_env(), timeout=300, cwd=ROOT)
     assert proc.returncode != 0
     assert "non-finite loss at step 3 under bf16" in proc.stderr, proc.stderr[-3000:]
     assert "(step_00000002)" in proc.stderr

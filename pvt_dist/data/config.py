@@ -59,6 +59,13 @@ class DataConfig:
     hflip: float = 0.5
     """Probability of a horizontal flip in training."""
 
+    repeated_aug: int = 1
+    """Repeated augmentation (DeiT, the PVT authors' recipe: 3): every training micro batch holds
+    ceil(micro_batch / repeated_aug) distinct images, each augmented independently repeated_aug times
+    (cut to the micro batch), and an epoch keeps its length in steps, so it reads 1 / repeated_aug of the
+    images (every one over repeated_aug x world-size epochs). Without BatchNorm the gradient is that of
+    DeiT's sampler, which spreads the copies over GPUs instead. 1 disables it."""
+
     backend: str = "dali"
     """"dali" (DALI decoding/augmentation) or "fallback" (webdataset + PIL + torchvision)."""
 
@@ -133,7 +140,7 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 bad(name, "must be None or a positive integer")
-        for name in ("train_size", "val_size", "num_threads", "prefetch", "shuffle_buffer"):
+        for name in ("train_size", "val_size", "num_threads", "prefetch", "shuffle_buffer", "repeated_aug"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 bad(name, "must be a positive integer")

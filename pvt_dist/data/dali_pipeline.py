@@ -47,10 +47,54 @@ def center_crop_anchor(size_hw, crop: int):
     return half + (margin - 2 * half) * (half - 2 * (half // 2))  # +1 only when margin odd and half odd
 
 
+def train_views(jpegs, cfg: DataConfig, decode_dev: str, out_type, mean, std, interp, repeats: int) -> list:
+    """`repeats` independently augmented views of every image: RandomResizedCrop, flip, RandAugment.
+
+    One view decodes only the crop's region (fused ROI decode); several views decode each image once and
+    crop the decoded image `repeats` times.
+    """
+    size, crop = cfg.train_size, dict(random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio))
+    if repeats == 1:
+        # adjust_orientation=False: like PIL/timm, EXIF orientation is not applied.
+        decoded = fn.decoders.image_random_crop(
+            jpegs, device=decode_dev, output_type=out_type, num_attempts=10, adjust_orientation=False, **crop
+        )
+        crops = [fn.resize(decoded, size=[size, size], interp_type=interp, antialias=True)]
+    else:
+        decoded = fn.decoders.image(jpegs, device=decode_dev, output_type=out_type, adjust_orientation=False)
+        crops = [
+            fn.random_resized_crop(
+                decoded, size=[size, size], num_attempts=10, interp_type=interp, antialias=True, **crop
+            )
+            for _ in range(repeats)
+        ]
+    views = []
+    for images in crops:
+        if cfg.rand_augment:
+            from nvidia.dali.auto_aug import rand_augment
+
+            n, m = parse_rand_augment(cfg.rand_augment)
+            images = rand_augment.rand_augment(images, n=n, m=m, fill_value=128)
+        views.append(
+            fn.crop_mirror_normalize(
+                images,
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                mean=mean,
+                std=std,
+                mirror=fn.random.coin_flip(probability=cfg.hflip),
+            )  # fmt: skip
+        )
+    return views
+
+
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
-def image_pipeline(cfg: DataConfig, train: bool, gpu: bool, reader: dict | None = None, source=None):
-    """Outputs: images float [B,C,S,S] normalized (C=3, or 1 without gray_to_rgb), raw `.cls` bytes [B],
-    sample names as bytes [B] ("shard.tar:offset:key.jpg" from the reader, "shard.tar:key" from a source)."""
+def image_pipeline(
+    cfg: DataConfig, train: bool, gpu: bool, reader: dict | None = None, source=None, repeats: int = 1
+):
+    """Outputs: `repeats` (1 for validation) views, each images float [B,C,S,S] normalized (C=3, or 1
+    without gray_to_rgb); raw `.cls` bytes [B]; sample names as bytes [B] ("shard.tar:offset:key.jpg" from
+    the reader, "shard.tar:key" from a source)."""
     if source is None:
         jpegs, cls = fn.readers.webdataset(
             **reader, ext=["jpg", "cls"], missing_component_behavior="error", name="reader"
@@ -65,41 +109,17 @@ def image_pipeline(cfg: DataConfig, train: bool, gpu: bool, reader: dict | None 
     std = [255.0 * s for s in cfg.std[:channels]]
     interp = INTERP[cfg.interpolation]
     if train:
-        size = cfg.train_size
-        images = fn.decoders.image_random_crop(
-            jpegs,
-            device=decode_dev,
-            output_type=out_type,
-            random_area=list(cfg.scale),
-            random_aspect_ratio=list(cfg.ratio),
-            num_attempts=10,
-            adjust_orientation=False,  # like PIL/timm: EXIF orientation is not applied
-        )
-        images = fn.resize(images, size=[size, size], interp_type=interp, antialias=True)
-        if cfg.rand_augment:
-            from nvidia.dali.auto_aug import rand_augment
-
-            n, m = parse_rand_augment(cfg.rand_augment)
-            images = rand_augment.rand_augment(images, n=n, m=m, fill_value=128)
-        images = fn.crop_mirror_normalize(
-            images,
-            dtype=types.FLOAT,
-            output_layout="CHW",
-            mean=mean,
-            std=std,
-            mirror=fn.random.coin_flip(probability=cfg.hflip),
-        )
-    else:
-        size = cfg.val_size
-        images = fn.decoders.image(jpegs, device=decode_dev, output_type=out_type, adjust_orientation=False)
-        hw = shorter_side_size(jpegs, math.floor(size / cfg.crop_pct))  # [2] int: (H', W')
-        hw_f = fn.cast(hw, dtype=types.FLOAT)
-        images = fn.resize(images, resize_y=hw_f[0], resize_x=hw_f[1], interp_type=interp, antialias=True)
-        images = fn.slice(
-            images, center_crop_anchor(hw, size), [size, size], axes=[0, 1],
-            normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad",
-        )  # fmt: skip
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
+        return (*train_views(jpegs, cfg, decode_dev, out_type, mean, std, interp, repeats), cls, names)
+    size = cfg.val_size
+    images = fn.decoders.image(jpegs, device=decode_dev, output_type=out_type, adjust_orientation=False)
+    hw = shorter_side_size(jpegs, math.floor(size / cfg.crop_pct))  # [2] int: (H', W')
+    hw_f = fn.cast(hw, dtype=types.FLOAT)
+    images = fn.resize(images, resize_y=hw_f[0], resize_x=hw_f[1], interp_type=interp, antialias=True)
+    images = fn.slice(
+        images, center_crop_anchor(hw, size), [size, size], axes=[0, 1],
+        normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad",
+    )  # fmt: skip
+    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
     return images, cls, names
 
 
@@ -137,7 +157,7 @@ class DaliLoader(ShardLoader):
         begin, end = self.rank_samples(epoch)
         seed = self.epoch_seed(epoch)
         kw = dict(
-            batch_size=self.micro_batch,
+            batch_size=self.unique_batch,
             num_threads=cfg.num_threads,
             device_id=self.device_id,
             seed=seed,
@@ -146,18 +166,19 @@ class DaliLoader(ShardLoader):
         if shards.remote:
             source = external_source_batches(
                 shards, begin, end, seed if self.train else None, cfg.shuffle_buffer,
-                self.batches_per_epoch, self.micro_batch, start_batch,
+                self.batches_per_epoch, self.unique_batch, start_batch,
             )  # fmt: skip
             # The stream is positioned by skipping consumed batches, so DALI need not checkpoint it.
             pipe = image_pipeline(
-                cfg=cfg, train=self.train, gpu=self.gpu, source=source, enable_checkpointing=False, **kw
-            )
+                cfg=cfg, train=self.train, gpu=self.gpu, source=source, repeats=self.repeats,
+                enable_checkpointing=False, **kw,
+            )  # fmt: skip
         else:
             reader = dict(
                 paths=shards.urls,
                 index_paths=shards.index_paths,
                 shard_id=self.rank_slot(epoch),
-                num_shards=self.world_size,
+                num_shards=self.num_slots,
                 random_shuffle=self.train,
                 initial_fill=cfg.shuffle_buffer,
                 pad_last_batch=not self.train,
@@ -165,8 +186,9 @@ class DaliLoader(ShardLoader):
                 seed=seed,
             )
             pipe = image_pipeline(
-                cfg=cfg, train=self.train, gpu=self.gpu, reader=reader, checkpoint=checkpoint, **kw
-            )
+                cfg=cfg, train=self.train, gpu=self.gpu, reader=reader, repeats=self.repeats,
+                checkpoint=checkpoint, **kw,
+            )  # fmt: skip
         pipe.build()
         return pipe
 
@@ -199,7 +221,7 @@ class DaliLoader(ShardLoader):
         fld = self.shards.field
         for i in range(first, self.batches_per_epoch):
             try:
-                images, cls, names = self._pipe.run()
+                *views, cls, names = self._pipe.run()
             except Exception as e:
                 # DALI names the failing sample by its source_info "/path/shard.tar:offset:key.ext".
                 m = re.search(r"(\S+\.tar):(\d+):([^\s.]+)\.(\w+)", str(e))
@@ -210,10 +232,15 @@ class DaliLoader(ShardLoader):
             if i < start_batch:
                 continue
             keys = [_name(names.at(j)) for j in range(len(names))]
-            real = max(0, min(self.micro_batch, real_total - i * self.micro_batch))
+            real = max(0, min(self.unique_batch, real_total - i * self.unique_batch))
             labels = [
                 parse_label(bytes(cls.at(j)), keys[j], self.cfg.num_classes, fld) if j < real else -1
                 for j in range(len(keys))
             ]
-            yield self._to_torch(images), torch.tensor(labels, dtype=torch.int64), keys
+            if len(views) == 1:
+                yield self._to_torch(views[0]), torch.tensor(labels, dtype=torch.int64), keys
+                continue
+            b, n = self.micro_batch, len(views)  # repeated augmentation: n views, cut to the micro batch
+            images = torch.cat([self._to_torch(v) for v in views])[:b]
+            yield images, torch.tensor((labels * n)[:b], dtype=torch.int64), (keys * n)[:b]
         self._pipe = None

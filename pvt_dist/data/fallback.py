@@ -4,8 +4,9 @@ Same rank plan, batch layout and resume semantics as the DALI backend, and the r
 validation output is compared against. Worker w of a DataLoader decodes batches w, w+W, ... of the
 rank's stream (every worker reads the stream, skipping foreign samples without decoding them); the
 DataLoader's round-robin collection then returns the batches in order, independent of worker count.
-Each sample's augmentation RNG is seeded from (seed, epoch, rank, batch, slot), so a resumed epoch
-produces the same tensors as an uninterrupted one.
+Each sample's augmentation RNG is seeded from (seed, epoch, rank, batch, slot, view), so a resumed epoch
+produces the same tensors as an uninterrupted one. With repeated augmentation a sample is decoded once and
+transformed once per view.
 """
 
 from __future__ import annotations
@@ -64,19 +65,25 @@ class _EpochStream(IterableDataset):
         self.begin, self.end = loader.rank_samples(epoch)
         self.seed = loader.epoch_seed(epoch)
         self.train = loader.train
-        self.num_batches, self.batch, self.start = loader.batches_per_epoch, loader.micro_batch, start_batch
+        self.num_batches, self.batch, self.start = loader.batches_per_epoch, loader.unique_batch, start_batch
+        self.repeats, self.micro_batch = loader.repeats, loader.micro_batch
         self.transform = build_transform(self.cfg, self.train)
 
-    def _decode(self, s: dict, seed: int) -> torch.Tensor:
+    def _decode(self, s: dict, seed: int) -> list[torch.Tensor]:
+        """The sample's `repeats` views, each transformed with its own seed (view 0: `seed` itself)."""
         name = sample_name(s["__url__"], s["__key__"])
         try:
             im = Image.open(io.BytesIO(s["jpg"]))
             im = im.convert("RGB" if self.cfg.gray_to_rgb else "L")
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
             raise ValueError(f"{self.shards.field}: sample {name}: cannot decode .jpg: {e}") from None
-        random.seed(seed)
-        torch.default_generator.manual_seed(seed)  # torch.manual_seed also walks CUDA lazy init: ~6 ms
-        return self.transform(im)
+        views = []
+        for v in range(self.repeats):
+            view_seed = seed if v == 0 else mix_seed(seed, v)
+            random.seed(view_seed)
+            torch.default_generator.manual_seed(view_seed)  # torch.manual_seed also inits CUDA lazily: ~6 ms
+            views.append(self.transform(im))
+        return views
 
     def __iter__(self):
         info = get_worker_info()
@@ -92,9 +99,10 @@ class _EpochStream(IterableDataset):
             # With num_workers=0 this runs in the trainer's process between steps: leave its RNGs as found.
             py_state, torch_state = random.getstate(), torch.get_rng_state()
             try:
-                images = torch.stack(
-                    [self._decode(s, mix_seed(self.seed, b, j)) for j, s in enumerate(group)]
-                )
+                per_sample = [self._decode(s, mix_seed(self.seed, b, j)) for j, s in enumerate(group)]
+                # [view 0 of every sample, view 1, ...], the DALI backend's layout
+                images = torch.stack([views[v] for v in range(self.repeats) for views in per_sample])
+                images = images[: self.micro_batch]
             finally:
                 random.setstate(py_state)
                 torch.set_rng_state(torch_state)
@@ -103,6 +111,10 @@ class _EpochStream(IterableDataset):
                 parse_label(s["cls"], names[j], self.cfg.num_classes, self.shards.field) if j < real else -1
                 for j, s in enumerate(group)
             ]
+            labels, names = (
+                (labels * self.repeats)[: self.micro_batch],
+                (names * self.repeats)[: self.micro_batch],
+            )
             yield images, torch.tensor(labels, dtype=torch.int64), names
 
 

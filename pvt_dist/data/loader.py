@@ -7,6 +7,11 @@ over epochs every rank sees every part of the data. That is exactly DALI's webda
 
 - train: batches_per_epoch = (n // w) // micro_batch on every rank (the shortest rank range, full
   batches only); the rest of a rank's range is shuffled away for that epoch.
+- train with repeated augmentation r > 1: the split is cut into w*r ranges and rank q reads range
+  (q*r + epoch) % (w*r), ceil(micro_batch / r) samples per batch, each augmented r times (layout
+  [view 0 of every sample, view 1, ...], cut to micro_batch). Epochs keep their length in batches (a
+  little shorter when r does not divide micro_batch); the ranks read disjoint ranges in every epoch and
+  each rank has visited every range after w*r epochs.
 - val: batches_per_epoch = ceil(ceil(n / w) / micro_batch); slots past the rank's own range are padding
   with label -1, so every sample is scored exactly once across ranks.
 
@@ -85,9 +90,13 @@ class ShardLoader:
         self.rank, self.world_size, self.seed, self.micro_batch = rank, world_size, seed, micro_batch
         self.device, self.return_keys = device, return_keys
         self.num_samples = shards.num_samples
+        self.repeats = cfg.repeated_aug if self.train else 1
+        self.unique_batch = -(-micro_batch // self.repeats)  # distinct samples read per batch (ceil)
+        self.num_slots = world_size * self.repeats
         n, w, b = self.num_samples, world_size, micro_batch
         if self.train:
-            self.batches_per_epoch = (n // w) // b
+            # The shortest range must feed every batch: with r > 1 that is n // (w r) // ceil(b / r).
+            self.batches_per_epoch = min((n // w) // b, (n // self.num_slots) // self.unique_batch)
             if self.batches_per_epoch == 0:
                 raise ValueError(
                     f"{shards.field}: {n} samples cannot fill one batch of {b} on each of {w} ranks"
@@ -107,11 +116,11 @@ class ShardLoader:
         return self.batches_per_epoch
 
     def rank_slot(self, epoch: int) -> int:
-        """Which of the w contiguous ranges this rank reads in `epoch`."""
-        return (self.rank + epoch) % self.world_size if self.train else self.rank
+        """Which of the `num_slots` contiguous ranges this rank reads in `epoch`."""
+        return (self.rank * self.repeats + epoch) % self.num_slots if self.train else self.rank
 
     def rank_samples(self, epoch: int) -> tuple[int, int]:
-        return rank_range(self.num_samples, self.rank_slot(epoch), self.world_size)
+        return rank_range(self.num_samples, self.rank_slot(epoch), self.num_slots)
 
     def epoch_seed(self, epoch: int) -> int:
         return mix_seed(self.seed, epoch, self.rank, self.train)
@@ -133,6 +142,7 @@ class ShardLoader:
             "batch": self._consumed,
             "world_size": self.world_size,
             "micro_batch": self.micro_batch,
+            "repeats": self.repeats,
             "seed": self.seed,
             "num_samples": self.num_samples,
             "backend": self.cfg.backend,
@@ -150,10 +160,11 @@ class ShardLoader:
             if len(sd) != self.world_size:
                 raise ValueError(f"data loader state: {len(sd)} rank states for world size {self.world_size}")
             sd = sd[self.rank]
-        for k in ("world_size", "rank", "micro_batch", "seed", "num_samples"):
-            if sd[k] != getattr(self, k):
+        for k in ("world_size", "rank", "micro_batch", "repeats", "seed", "num_samples"):
+            saved = sd.get(k, 1)  # states from before repeated augmentation have no "repeats"
+            if saved != getattr(self, k):
                 raise ValueError(
-                    f"data loader state: saved with {k}={sd[k]} but this loader has {getattr(self, k)}; "
+                    f"data loader state: saved with {k}={saved} but this loader has {getattr(self, k)}; "
                     "a mid-epoch position only transfers to an identical loader"
                 )
         epoch, consumed = sd["epoch"], sd["batch"]

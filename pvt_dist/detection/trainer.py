@@ -17,13 +17,10 @@ import numpy as np
 import torch
 
 from pvt_dist import distributed as pdist
-from pvt_dist.config import dump_config, to_dict
 from pvt_dist.distributed import DistEnv
-from pvt_dist.engine.checkpoint import check_writable
 from pvt_dist.engine.cpu_bf16 import fp32_gemm
 from pvt_dist.engine.ds_config import build_deepspeed_config
-from pvt_dist.engine.logger import MetricLogger
-from pvt_dist.engine.trainer import DataStream, Trainer, seed_all, set_rng_state
+from pvt_dist.engine.trainer import Trainer, seed_all
 
 from .config import DetrTrainConfig
 from .criterion import build_criterion
@@ -61,13 +58,7 @@ class DetrTrainer(Trainer):
         import deepspeed
 
         self._setup_run(cfg, env, device, preemption)
-        if self.rank == 0:
-            os.makedirs(self.run_dir, exist_ok=True)
-        pdist.barrier()
-        check_writable(self.ckpt.dir, self.rank)
         resume_tag = self.ckpt.latest() if cfg.checkpoint.resume else None
-        if self.rank == 0:
-            dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
 
         ds = cfg.deepspeed
         self.train_loader = build_detection_loader(
@@ -118,38 +109,16 @@ class DetrTrainer(Trainer):
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.scheduler = StepDecay(optimizer, drop_step, s.lr_drop_factor)
 
-        self.step = 0
-        data_epoch, loader_state = 0, None
-        if resume_tag is not None:
-            _client, rank_state, meta = self.ckpt.load(self.engine, resume_tag)
-            self.step = int(meta["step"])
-            set_rng_state(rank_state["rng"])
-            data_epoch, loader_state = rank_state["data"]["epoch"], rank_state["data"]["loader"]
-            log.info("resumed from %s at step %d", os.path.join(self.ckpt.dir, resume_tag), self.step)
-        self.stream = DataStream(self.train_loader, data_epoch, loader_state)
-        self.last_saved = self.step if resume_tag is not None else -1
-        self.logger = MetricLogger(
-            self.run_dir, self.rank == 0, cfg.logging.tensorboard, self.step, self.total_steps
-        )
-        if self.step == 0:
-            import yaml
-
-            hp = {
-                "backbone": model_cfg.backbone.name,
-                "stages": str(model_cfg.backbone.stages),
-                "num_queries": model_cfg.num_queries,
-                "zero_stage": ds.zero_stage,
-                "precision": ds.precision,
-                "global_batch": ds.global_batch,
-                "world_size": self.world,
-                "lr": o.lr,
-                "backbone_lr": o.backbone_lr,
-                "total_steps": self.total_steps,
-                "lr_drop_step": drop_step,
-                "scale_factor": cfg.data.scale_factor,
-            }
-            self.logger.hparams(hp, ["val/AP", "val/AP50"])
-            self.logger.text("config", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        expect = {"zero_stage": ds.zero_stage, "precision": ds.precision, "model": self.model_tag}
+        self._restore(resume_tag, expect)
+        hp = {
+            "backbone": model_cfg.backbone.name, "stages": str(model_cfg.backbone.stages),
+            "num_queries": model_cfg.num_queries, "zero_stage": ds.zero_stage, "precision": ds.precision,
+            "global_batch": ds.global_batch, "world_size": self.world, "lr": o.lr,
+            "backbone_lr": o.backbone_lr, "total_steps": self.total_steps, "lr_drop_step": drop_step,
+            "scale_factor": cfg.data.scale_factor,
+        }  # fmt: skip
+        self._open_logs(hp, ["val/AP", "val/AP50"])
         n_params = sum(p.numel() for p in model.parameters()) / 1e6 if ds.zero_stage < 3 else float("nan")
         log.info(
             "DETR %s stages %s (%.2fM params) | %d classes | world %d | ZeRO-%d %s | "
@@ -171,23 +140,13 @@ class DetrTrainer(Trainer):
             o.lr,
             o.backbone_lr,
         )
-        self.last_eval: dict | None = None
 
-    def save(self) -> str:
-        from pvt_dist.config import config_hash
-        from pvt_dist.engine.trainer import rng_state
+    @property
+    def model_tag(self) -> str:
+        return f"detr_{self.cfg.model.backbone.name}"
 
-        rank_state = {"rng": rng_state(), "data": self.stream.state_dict(), "step": self.step}
-        meta = {
-            "config_hash": config_hash(self.cfg),
-            "epoch": self.step / self.steps_per_epoch,
-            "zero_stage": self.cfg.deepspeed.zero_stage,
-            "precision": self.cfg.deepspeed.precision,
-            "model": f"detr_{self.cfg.model.backbone.name}",
-        }
-        path = self.ckpt.save(self.engine, self.step, {"step": self.step}, rank_state, meta)
-        self.last_saved = self.step
-        return path
+    def client_state(self) -> dict:
+        return {"step": self.step}
 
     def train_step(self) -> tuple[torch.Tensor, float, float]:
         t0 = time.perf_counter()

@@ -119,6 +119,43 @@ class Trainer:
         self.ckpt = CheckpointManager(
             os.path.join(self.run_dir, "checkpoints"), self.rank, self.world, cfg.checkpoint.keep_last
         )
+        prepare_run_dir(self.run_dir, self.rank)
+        self.last_eval: dict | None = None
+
+    def _restore(self, resume_tag: str | None, expect: dict) -> dict:
+        """Resume from ``resume_tag`` (engine, step, RNG, data position) or start at step 0.
+
+        ``expect`` holds checkpoint metadata that must match (ZeRO stage, precision, model). Returns the
+        checkpoint's client state ({} for a fresh start). The config is written to the run directory only
+        after this, so a refused resume leaves the run's config.yaml as it was.
+        """
+        self.step, client = 0, {}
+        data_epoch, loader_state = 0, None
+        if resume_tag is not None:
+            client, rank_state, meta = self.ckpt.load(self.engine, resume_tag, expect)
+            self.step = int(meta["step"])
+            if meta.get("config_hash") != config_hash(self.cfg):
+                log.warning("resuming %s with a changed config (hash %s -> %s)",
+                            resume_tag, meta.get("config_hash"), config_hash(self.cfg))  # fmt: skip
+            set_rng_state(rank_state["rng"])
+            data_epoch, loader_state = rank_state["data"]["epoch"], rank_state["data"]["loader"]
+            log.info("resumed from %s at step %d", os.path.join(self.ckpt.dir, resume_tag), self.step)
+        self.stream = DataStream(self.train_loader, data_epoch, loader_state)
+        self.last_saved = self.step if resume_tag is not None else -1
+        return client
+
+    def _open_logs(self, hparams: dict, hparam_metrics: list[str]) -> None:
+        """Write config.yaml; open TensorBoard (appending on resume), with hparams on a fresh run."""
+        if self.rank == 0:
+            dump_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.logger = MetricLogger(
+            self.run_dir, self.rank == 0, self.cfg.logging.tensorboard, self.step, self.total_steps
+        )
+        if self.step == 0:
+            import yaml
+
+            self.logger.hparams(hparams, hparam_metrics)
+            self.logger.text("config", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, device: torch.device, preemption=None):
         import deepspeed
@@ -127,7 +164,6 @@ class Trainer:
         from pvt_dist.models import build_model, load_pretrained
 
         self._setup_run(cfg, env, device, preemption)
-        prepare_run_dir(self.run_dir, self.rank)
         resume_tag = self.ckpt.latest() if cfg.checkpoint.resume else None
 
         ds = cfg.deepspeed
@@ -185,45 +221,21 @@ class Trainer:
                 optimizer or engine_opt, cfg, self.total_steps, self.warmup_steps
             )
 
-        self.step = 0
-        data_epoch, loader_state = 0, None
-        if resume_tag is not None:
-            expect = {"zero_stage": ds.zero_stage, "precision": ds.precision, "model": m.name}
-            client, rank_state, meta = self.ckpt.load(self.engine, resume_tag, expect)
-            self.step = int(meta["step"])
-            if meta.get("config_hash") != config_hash(cfg):
-                log.warning("resuming %s with a changed config (hash %s -> %s)",
-                            resume_tag, meta.get("config_hash"), config_hash(cfg))  # fmt: skip
-            if self.ema is not None:
-                if client.get("ema") is None:
-                    raise RuntimeError(f"ema.enabled: checkpoint {resume_tag} has no EMA weights")
-                self.ema.module.load_state_dict(client["ema"])
-            set_rng_state(rank_state["rng"])
-            data_epoch, loader_state = rank_state["data"]["epoch"], rank_state["data"]["loader"]
-            log.info("resumed from %s at step %d", os.path.join(self.ckpt.dir, resume_tag), self.step)
-        # Written only once a resume is accepted: a refused one must leave the run's config as it was.
-        if self.rank == 0:
-            dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        self.stream = DataStream(self.train_loader, data_epoch, loader_state)
-        self.last_saved = self.step if resume_tag is not None else -1
-
-        self.logger = MetricLogger(
-            self.run_dir, self.rank == 0, cfg.logging.tensorboard, self.step, self.total_steps
-        )
-        if self.step == 0:
-            hp = {
-                "model": m.name, "img_size": m.img_size, "zero_stage": ds.zero_stage,
-                "precision": ds.precision,
-                "global_batch": ds.global_batch, "micro_batch": ds.micro_batch, "grad_accum": ds.grad_accum,
-                "world_size": self.world, "peak_lr": peak_lr(cfg), "weight_decay": cfg.optim.weight_decay,
-                "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "drop_path_rate": m.drop_path_rate if m.drop_path_rate is not None else "default",
-                "mixup": cfg.data.mixup, "cutmix": cfg.data.cutmix, "ema": cfg.ema.enabled,
-            }  # fmt: skip
-            self.logger.hparams(hp, ["val/top1", "val/top5"])
-            import yaml
-
-            self.logger.text("config", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        expect = {"zero_stage": ds.zero_stage, "precision": ds.precision, "model": self.model_tag}
+        client = self._restore(resume_tag, expect)
+        if self.ema is not None and resume_tag is not None:
+            if client.get("ema") is None:
+                raise RuntimeError(f"ema.enabled: checkpoint {resume_tag} has no EMA weights")
+            self.ema.module.load_state_dict(client["ema"])
+        hp = {
+            "model": m.name, "img_size": m.img_size, "zero_stage": ds.zero_stage, "precision": ds.precision,
+            "global_batch": ds.global_batch, "micro_batch": ds.micro_batch, "grad_accum": ds.grad_accum,
+            "world_size": self.world, "peak_lr": peak_lr(cfg), "weight_decay": cfg.optim.weight_decay,
+            "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+            "drop_path_rate": m.drop_path_rate if m.drop_path_rate is not None else "default",
+            "mixup": cfg.data.mixup, "cutmix": cfg.data.cutmix, "ema": cfg.ema.enabled,
+        }  # fmt: skip
+        self._open_logs(hp, ["val/top1", "val/top5"])
         log.info(
             "model %s (%.2fM params) | world %d | ZeRO-%d %s | batch %d = %d x %d x %d | %d steps "
             "(%d/epoch, warmup %d) | peak lr %.3g%s",
@@ -232,7 +244,6 @@ class Trainer:
             self.world, self.total_steps, self.steps_per_epoch, self.warmup_steps, peak_lr(cfg),
             " | bf16 storage, fp32 GEMMs (CPU without bf16 kernels)" if self.fp32_gemm else "",
         )  # fmt: skip
-        self.last_eval: dict | None = None
 
     # ------------------------------------------------------------------------------------------------
 
@@ -240,18 +251,26 @@ class Trainer:
         period = every or self.steps_per_epoch
         return self.step % period == 0
 
+    @property
+    def model_tag(self) -> str:
+        """The model's name in checkpoint metadata (a resume with another model is refused)."""
+        return self.cfg.model.name
+
+    def client_state(self) -> dict:
+        """Stage-specific state saved with every checkpoint (rank 0's copy)."""
+        return {"step": self.step, "ema": self.ema.module.state_dict() if self.ema is not None else None}
+
     def save(self) -> str:
-        client = {"step": self.step, "ema": self.ema.module.state_dict() if self.ema is not None else None}
         rank_state = {"rng": rng_state(), "data": self.stream.state_dict(), "step": self.step}
         meta = {
             "config_hash": config_hash(self.cfg),
             "epoch": self.step / self.steps_per_epoch,
             "zero_stage": self.cfg.deepspeed.zero_stage,
             "precision": self.cfg.deepspeed.precision,
-            "model": self.cfg.model.name,
+            "model": self.model_tag,
         }
         self._check_finite_weights()
-        path = self.ckpt.save(self.engine, self.step, client, rank_state, meta)
+        path = self.ckpt.save(self.engine, self.step, self.client_state(), rank_state, meta)
         self.last_saved = self.step
         return path
 

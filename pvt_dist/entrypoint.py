@@ -1,0 +1,115 @@
+"""What both stages' entry points (launch/train.py, launch/finetune_detr.py) do: parse, build, train, close.
+
+The same script runs under ``deepspeed`` (which passes ``--local_rank``), ``torchrun``, ``srun`` and as a
+single process; ``pvt_dist.distributed.detect_env`` finds the ranks. This module imports nothing heavy
+at the top, so a bad config or argument is reported before torch, DeepSpeed or DALI load.
+
+Exit codes: 0 done (or stopped for preemption with its checkpoint saved), 2 bad configuration or run
+directory, 3 non-finite loss (the last good checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE = 0, 2, 3
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Stage:
+    """How one stage differs: its config loader and trainer, and what its final line reports."""
+
+    name: str
+    """Logger name for errors (e.g. ``pvt_dist.train``)."""
+    load: Callable[[str, list[str]], object]
+    """``load(yaml_path, dotted_overrides) -> config``; raises ConfigError naming the key."""
+    resolve: Callable[[object, int], object]
+    """``resolve(config, world_size) -> config`` with the batch sizes checked against the world."""
+    trainer: Callable[..., object]
+    """``trainer(cfg, env, device, preemption=handler)``: an object with ``train()`` and ``close()``."""
+    report: Callable[[dict], str]
+    """The metrics part of the final console line, from ``train()``'s result."""
+    finish: Callable[[dict], None] | None = None
+    """Extra rank-0 work on the result (e.g. writing result.json)."""
+    override_example: str = "optim.lr=1e-3 deepspeed.zero_stage=3"
+
+
+def parse_args(stage: Stage, doc: str | None, argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None, help="your own DeepSpeed JSON")
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher"
+    )
+    p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {stage.override_example}")
+    return p.parse_args(argv)
+
+
+def run_stage(
+    stage: Stage, doc: str | None, argv: list[str] | None = None, t_launch: float | None = None
+) -> int:
+    """Run one training stage to its end (or to a preemption stop); returns the process exit code."""
+    t_launch = time.time() if t_launch is None else t_launch
+    args = parse_args(stage, doc, argv)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, "build", "torch_extensions"))
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+    from pvt_dist.config import ConfigError
+    from pvt_dist.distributed import cleanup, detect_env, init_distributed
+
+    overrides = list(args.overrides)
+    if args.deepspeed_config:
+        overrides.append(f"deepspeed.config_file={args.deepspeed_config}")
+    try:
+        cfg = stage.load(args.config, overrides)
+        env = detect_env(cfg.dist.master_port)
+        cfg = stage.resolve(cfg, env.world_size)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from pvt_dist.engine import NonFiniteLossError
+    from pvt_dist.engine.logger import setup_logging
+    from pvt_dist.engine.trainer import prepare_run_dir
+    from pvt_dist.preemption import PreemptionHandler
+
+    try:  # before any process group starts: a bad run_dir costs nothing
+        prepare_run_dir(os.path.abspath(cfg.run_dir), env.rank)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    setup_logging(env.rank, cfg.logging.deepspeed_log_level)
+    env, device = init_distributed(cfg.dist, env)
+    handler = PreemptionHandler()
+    trainer = stage.trainer(cfg, env, device, preemption=handler)
+    try:
+        result = trainer.train()
+    except NonFiniteLossError as e:
+        logging.getLogger(stage.name).error("%s", e)
+        return EXIT_NONFINITE
+    finally:
+        trainer.close()
+        handler.close()
+    if env.rank == 0:
+        status = "stopped for preemption at" if result["stopped"] else "finished at"
+        wall = time.time() - t_launch
+        print(f"{status} step {result['step']} | {stage.report(result)} | wall time {wall:.0f} s")
+        if stage.finish is not None:
+            stage.finish(result)
+        print(f"tensorboard --logdir {result['tensorboard_dir']}")
+    cleanup()
+    return EXIT_OK
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """A metric for the final line, ``n/a`` when it was never computed."""
+    return "n/a" if value is None else format(value, spec)
