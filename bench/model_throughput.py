@@ -3,7 +3,8 @@
     python bench/model_throughput.py --model pvt_v2_b2 --batch 8 --size 224 --dtype fp32 bf16 [--device cuda]
 
 Prints one row per (implementation, dtype): images/s, ms per step, and the ratio ours / timm.
-Synthetic inputs; an SGD-free step (forward, loss, backward, zero grads) so only the model is timed.
+Synthetic inputs; an SGD-free step (forward, loss, backward, zero grads) so only the model is timed. The
+two models take turns step by step (median of ``--iters`` steps each), so load drift hits both alike.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(model, batch, size, dtype, device, warmup, iters, channels_last=False) -> float:
-    """Seconds per forward+backward step, median over ``iters`` timed steps."""
+def make_step(model, batch, size, dtype, device, channels_last=False):
+    """A closure running one forward+backward step of ``model`` on a fixed synthetic batch."""
     model.to(device).train()
     x = torch.randn(batch, 3, size, size, device=device)
     if channels_last:
@@ -38,19 +39,33 @@ def time_steps(model, batch, size, dtype, device, warmup, iters, channels_last=F
         model.to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
     amp = torch.autocast(device.type, dtype=DTYPES[dtype]) if DTYPES[dtype] else contextlib.nullcontext()
-    times = []
-    for i in range(warmup + iters):
-        sync(device)
-        t0 = time.perf_counter()
+
+    def step():
         with amp:
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         model.zero_grad(set_to_none=True)
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+
+    return step
+
+
+def time_interleaved(steps: dict, device, warmup: int, iters: int) -> dict[str, float]:
+    """Median seconds per step of each closure, the closures taking turns step by step.
+
+    The order flips every round: the model that runs right after the other one pays for re-touching
+    its memory (page faults, cache), and taking turns spreads that cost and any load drift evenly.
+    """
+    names = list(steps)
+    times = {n: [] for n in names}
+    for i in range(warmup + iters):
+        for n in names if i % 2 == 0 else names[::-1]:
+            sync(device)
+            t0 = time.perf_counter()
+            steps[n]()
+            sync(device)
+            if i >= warmup:
+                times[n].append(time.perf_counter() - t0)
+    return {n: sorted(t)[len(t) // 2] for n, t in times.items()}
 
 
 def timm_baseline(name: str):
@@ -77,16 +92,15 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     rows = []
     for dtype in args.dtype:
-        results = {}
+        steps = {}
         for impl, ctor in (("pvt_dist", lambda: build_model(args.model, drop_path_rate=0.0)),
                            ("timm", lambda: timm_baseline(args.model))):  # fmt: skip
             torch.manual_seed(0)
             model = ctor()
-            if model is None:
-                continue
-            sec = time_steps(model, args.batch, args.size, dtype, device, args.warmup, args.iters)
-            results[impl] = sec
-            del model
+            if model is not None:
+                steps[impl] = make_step(model, args.batch, args.size, dtype, device)
+        results = time_interleaved(steps, device, args.warmup, args.iters)
+        del steps
         for impl, sec in results.items():
             ratio = results["timm"] / sec if "timm" in results else float("nan")
             rows.append(dict(impl=impl, model=args.model, dtype=dtype, batch=args.batch, size=args.size,
