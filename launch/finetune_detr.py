@@ -20,25 +20,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pvt_dist.entrypoint import Stage, fmt, run_stage  # noqa: E402
-
-
-def load(path: str, overrides: list[str]):
-    from pvt_dist.detection.config import load_detr_config
-
-    return load_detr_config(path, overrides)
-
-
-def resolve(cfg, world_size: int):
-    from pvt_dist.detection.config import resolve_detr_config
-
-    return resolve_detr_config(cfg, world_size)
-
-
-def trainer(*args, **kwargs):
-    from pvt_dist.detection.trainer import DetrTrainer
-
-    return DetrTrainer(*args, **kwargs)
+from pvt_dist.entrypoint import Stage, fmt, lazy, run_stage  # noqa: E402
 
 
 def finish(result: dict) -> None:
@@ -52,9 +34,9 @@ def finish(result: dict) -> None:
 
 STAGE = Stage(
     name="pvt_dist.detr",
-    load=load,
-    resolve=resolve,
-    trainer=trainer,
+    load=lazy("pvt_dist.detection.config:load_detr_config"),
+    resolve=lazy("pvt_dist.detection.config:resolve_detr_config"),
+    trainer=lazy("pvt_dist.detection.trainer:DetrTrainer"),
     report=lambda r: f"COCO AP {fmt(r['AP'], '.4f')} AP50 {fmt(r['AP50'], '.4f')}",
     finish=finish,
     override_example="optim.lr=2e-4 schedule.total_steps=100",

@@ -18,32 +18,13 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pvt_dist.entrypoint import Stage, fmt, run_stage  # noqa: E402
-
-
-def load(path: str, overrides: list[str]):
-    from pvt_dist.config import load_config
-
-    return load_config(path, overrides)
-
-
-def resolve(cfg, world_size: int):
-    from pvt_dist.config import resolve_config
-
-    return resolve_config(cfg, world_size)
-
-
-def trainer(*args, **kwargs):
-    from pvt_dist.engine import Trainer
-
-    return Trainer(*args, **kwargs)
-
+from pvt_dist.entrypoint import Stage, fmt, lazy, run_stage  # noqa: E402
 
 STAGE = Stage(
     name="pvt_dist.train",
-    load=load,
-    resolve=resolve,
-    trainer=trainer,
+    load=lazy("pvt_dist.config:load_config"),
+    resolve=lazy("pvt_dist.config:resolve_config"),
+    trainer=lazy("pvt_dist.engine:Trainer"),
     report=lambda r: f"final top-1 {fmt(r['top1'], '.2f')}% top-5 {fmt(r['top5'], '.2f')}%",
 )
 

@@ -147,6 +147,11 @@ class EMAConfig:
 class LoggingConfig:
     log_every: int = 50
     """Console line and TensorBoard scalars every N optimizer steps."""
+    sync_every: int | None = None
+    """Steps between host reads of the all-reduced losses and the preemption flag (the loop's only
+    device-to-host syncs; also at every log, eval and checkpoint step). A GPU then queues steps ahead and a
+    NaN loss or a stop signal is acted on up to N steps later; per-step losses are still all recorded.
+    None: 1 on CPU (execution is synchronous there anyway), log_every on GPU."""
     tensorboard: bool = True
     """Write TensorBoard events to ``RUN_DIR/tensorboard`` (rank 0 only)."""
     deepspeed_log_level: Literal["debug", "info", "warning", "error"] = "warning"
@@ -536,6 +541,10 @@ def resolve_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
         "ema.enabled: not supported with deepspeed.zero_stage 3 (parameters are partitioned); use stage 0-2",
     )
     _check(cfg.logging.log_every > 0, f"logging.log_every: must be positive, got {cfg.logging.log_every}")
+    _check(
+        cfg.logging.sync_every is None or cfg.logging.sync_every > 0,
+        f"logging.sync_every: must be positive or null, got {cfg.logging.sync_every}",
+    )
     _check(cfg.dist.timeout_s > 0, f"dist.timeout_s: must be positive, got {cfg.dist.timeout_s}")
     import torch
 

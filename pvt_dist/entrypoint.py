@@ -11,6 +11,7 @@ directory, 3 non-finite loss (the last good checkpoint is kept).
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -39,6 +40,20 @@ class Stage:
     finish: Callable[[dict], None] | None = None
     """Extra rank-0 work on the result (e.g. writing result.json)."""
     override_example: str = "optim.lr=1e-3 deepspeed.zero_stage=3"
+
+
+def lazy(target: str) -> Callable:
+    """``"module:attr"`` as a callable that imports the module on first call.
+
+    Entry points name their config loader and trainer this way, so nothing heavy loads before the
+    command line and config are checked.
+    """
+    module, attr = target.split(":")
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+
+    return call
 
 
 def parse_args(stage: Stage, doc: str | None, argv: list[str] | None) -> argparse.Namespace:

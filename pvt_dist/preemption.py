@@ -4,7 +4,7 @@ The contract with the trainer (pvt_dist/engine/)::
 
     handler = PreemptionHandler()             # main thread, before the training loop
     for step in ...:
-        if handler.stop_requested():          # EVERY rank, at EVERY step boundary (collective)
+        if handler.stop_requested():          # EVERY rank, at the same step boundaries (collective)
             save_checkpoint(...)              # collective; `latest` updated atomically
             flush TensorBoard / logs
             handler.on_checkpoint_saved()     # may not return on rank 0 under submitit (see below)

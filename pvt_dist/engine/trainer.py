@@ -332,14 +332,48 @@ class Trainer:
             loss_sum += loss.detach().float()
         return loss_sum / self.cfg.deepspeed.grad_accum, wait, time.perf_counter() - t0
 
+    @property
+    def sync_every(self) -> int:
+        """Steps between the loop's host syncs (``logging.sync_every``; None: 1 on CPU, log_every on GPU)."""
+        every = self.cfg.logging.sync_every
+        if every is None:
+            every = 1 if self.device.type == "cpu" else self.cfg.logging.log_every
+        return every
+
+    def _drain(self, pending: list, window: dict) -> None:
+        """Read the queued per-step stats back in one sync; record each step; stop on a non-finite loss."""
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        values = torch.stack([stats for _, stats, _ in pending]).tolist()  # the one device-to-host sync
+        window["time"] += time.perf_counter() - t0  # a GPU's queued work finishes here: part of the steps
+        precision = self.cfg.deepspeed.precision
+        for (step, _, lr), (loss_sum, nonfinite) in zip(pending, values):
+            if nonfinite > 0 and precision != "fp16":
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} under {precision}; stopping. The last good "
+                    f"checkpoint ({self.ckpt.latest() or 'none yet'}) in {self.ckpt.dir} is intact"
+                )
+            loss = loss_sum / self.world
+            self.logger.scalars(step, {"train/loss_step": loss, "train/lr_step": lr}, "step")
+            if math.isfinite(loss):
+                window["loss"] += loss
+                window["n"] += 1
+        pending.clear()
+
     def train(self) -> dict:
         cfg = self.cfg
-        ds = cfg.deepspeed
         self.engine.train()
         window = {"loss": 0.0, "n": 0, "steps": 0, "time": 0.0, "wait": 0.0}
-        stopped = False
+        pending: list[tuple[int, torch.Tensor, float]] = []  # (step, all-reduced stats, lr) not yet read
+        sync_every, stopped = self.sync_every, False
         while self.step < self.total_steps:
-            if self.preemption is not None and self.preemption.stop_requested():
+            # Collective at the same step boundaries on every rank.
+            if (
+                self.preemption is not None
+                and self.step % sync_every == 0
+                and self.preemption.stop_requested()
+            ):
                 if self.last_saved != self.step:
                     self.save()
                 self.logger.flush()
@@ -348,33 +382,30 @@ class Trainer:
                 break
             local_loss, wait, step_time = self.train_step()
             self.step += 1
-            # One all-reduce per step: the global mean loss, and an agreed verdict on non-finite values.
+            # One all-reduce per step: the global loss and an agreed verdict on non-finite values, left on
+            # the device until the next sync point.
             stats = torch.stack([local_loss, (~torch.isfinite(local_loss)).float()])
             pdist.all_reduce_sum(stats)
-            loss, nonfinite = stats[0].item() / self.world, stats[1].item() > 0
-            if nonfinite and ds.precision != "fp16":
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {self.step} under {ds.precision}; stopping. The last good "
-                    f"checkpoint ({self.ckpt.latest() or 'none yet'}) in {self.ckpt.dir} is intact"
-                )
+            lr = self.engine.get_lr()[0]  # read back from the wrapped optimizer: what the step really used
+            pending.append((self.step, stats, lr))
             if self.ema is not None:
                 self.ema.update(self.engine.module, step=self.step)
-            lr = self.engine.get_lr()[0]  # read back from the wrapped optimizer: what the step really used
-            self.logger.scalars(self.step, {"train/loss_step": loss, "train/lr_step": lr}, "step")
-            if math.isfinite(loss):
-                window["loss"] += loss
-                window["n"] += 1
             window["steps"] += 1
             window["time"] += step_time
             window["wait"] += wait
-            if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
+            last = self.step == self.total_steps
+            log_due = self.step % cfg.logging.log_every == 0 or last
+            eval_due = not last and self._due(cfg.eval.every_steps)
+            save_due = not last and self._due(cfg.checkpoint.every_steps)
+            if self.step % sync_every == 0 or log_due or eval_due or save_due or last:
+                self._drain(pending, window)
+            if log_due:
                 self._log_window(window, lr)
                 window = {"loss": 0.0, "n": 0, "steps": 0, "time": 0.0, "wait": 0.0}
-            if self.step < self.total_steps:
-                if self._due(cfg.eval.every_steps):
-                    self.validate()
-                if self._due(cfg.checkpoint.every_steps):
-                    self.save()
+            if eval_due:
+                self.validate()
+            if save_due:
+                self.save()
         if not stopped:
             if cfg.eval.at_end or self._due(cfg.eval.every_steps):
                 self.validate()
