@@ -5,29 +5,21 @@
 
 Every error names the offending key (``deepspeed.global_batch: ...``) and is raised before any
 process group starts, so a bad launch fails in seconds instead of after minutes of queueing.
-A YAML file may name another one under ``_base_`` (path relative to it); the two are deep-merged.
+A YAML file may name another one under ``_base_`` (path relative to it); the two are deep-merged
+(the generic YAML <-> dataclass machinery is ``pvt_dist.config_io``).
 """
 
 from __future__ import annotations
 
-import collections.abc
 import copy
-import dataclasses
-import hashlib
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import yaml
-
+# ConfigError, config_hash, dump_config and to_dict are also this module's API (both stages import them here).
+from pvt_dist.config_io import ConfigError, coerce, config_hash, dump_config, load_dataclass, to_dict  # noqa: F401
 from pvt_dist.data import DataConfig
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type, or inconsistent; message starts with the key."""
 
 
 @dataclass
@@ -187,171 +179,6 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# dict <-> dataclass with type checking
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp``; returns the converted value or raises ConfigError."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
-        return value
-    if value is None:
-        raise ConfigError(f"{key}: must not be null (expected {_type_name(tp)})")
-    if origin in (list, tuple, collections.abc.Sequence) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} entries, got {value!r}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if (origin or tp) is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _from_dict(cls: type, data: Any, prefix: str) -> Any:
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    for k in data:
-        if k not in names:
-            where = f"{prefix}.{k}" if prefix else str(k)
-            raise ConfigError(f"{where}: unknown key (valid keys: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix or 'config'}: {e}") from e
-
-
-def to_dict(cfg: Any) -> dict:
-    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
-
-    def plain(v):
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(cfg)
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
-    path = os.path.abspath(path)
-    if path in seen:
-        raise ConfigError(f"_base_: circular include of {path}")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config: file not found: {path}")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config: {path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"config: {path} must contain a mapping at the top level")
-    base = data.pop("_base_", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise ConfigError(f"_base_: expected a path string in {path}, got {base!r}")
-    return _deep_merge(_read_yaml(os.path.join(os.path.dirname(path), base), (*seen, path)), data)
-
-
-def _apply_override(data: dict, item: str, root: type) -> None:
-    """Set the dotted ``key=value`` in the raw dict ``data``, checking each key against ``root``."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-3)")
-    key, raw = item.split("=", 1)
-    key = key.strip().removeprefix("--")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    parts = key.split(".")
-    node, cls = data, root
-    for i, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields:
-            raise ConfigError(
-                f"{'.'.join(parts[: i + 1])}: unknown key (valid keys: {', '.join(sorted(fields))})"
-            )
-        if i == len(parts) - 1:
-            node[part] = value
-            return
-        cls = typing.get_type_hints(cls)[part]
-        if not dataclasses.is_dataclass(cls):
-            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {key}")
-        node = node.setdefault(part, {})
-
-
 def load_config(
     path: str | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = TrainConfig
 ) -> Any:
@@ -359,10 +186,7 @@ def load_config(
 
     ``cls`` is the root dataclass: ``TrainConfig`` for stage 1, the detector's config for stage 2.
     """
-    data = _read_yaml(path) if path else {}
-    for item in overrides:
-        _apply_override(data, item, cls)
-    return _from_dict(cls, data, "")
+    return load_dataclass(cls, path, overrides)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -420,9 +244,9 @@ def _merge_user_deepspeed_json(cfg: TrainConfig) -> None:
         ("gradient_accumulation_steps", "grad_accum"),
     ):
         if json_key in user:
-            setattr(ds, attr, _coerce(user[json_key], int, f"deepspeed.config_file:{json_key}"))
+            setattr(ds, attr, coerce(user[json_key], int, f"deepspeed.config_file:{json_key}"))
     if "zero_optimization" in user and "stage" in user["zero_optimization"]:
-        ds.zero_stage = _coerce(
+        ds.zero_stage = coerce(
             user["zero_optimization"]["stage"], int, "deepspeed.config_file:zero_optimization"
         )
     for prec in ("bf16", "fp16"):
@@ -563,18 +387,3 @@ def peak_lr(cfg: TrainConfig) -> float:
     if not o.scale_lr:
         return o.lr
     return o.lr * (cfg.deepspeed.global_batch or o.lr_ref_batch) / o.lr_ref_batch
-
-
-def config_hash(cfg: TrainConfig) -> str:
-    """Identity of a run's recipe (run_dir excluded), stored in checkpoints to flag changed configs."""
-    d = to_dict(cfg)
-    d.pop("run_dir", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def dump_config(cfg: TrainConfig, path: str) -> None:
-    """Write the resolved config as YAML (atomically), loadable again with ``load_config``."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
