@@ -1,15 +1,18 @@
-"""Shared fixtures: real data for everyone's tests, built once and cached under build/test-data/."""
+"""Shared fixtures: real data for everyone's tests, built once and cached under build/test-data/, and the
+fault tests' run config and tmpfs mounts."""
 
 from __future__ import annotations
 
 import fcntl
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import skimage
 import sklearn.datasets
+from fault_helpers import STEPS as FAULT_STEPS
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,3 +150,51 @@ def photo_shards(photo_tree, tmp_path_factory) -> Path:
         progress=False,
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def fault_config(tmp_path_factory, fmnist_shards) -> Path:
+    """The fault tests' run: pvt_v2_b0, 32 px, fp32, ZeRO-1, checkpoints every 2 steps."""
+    path = tmp_path_factory.mktemp("faults-cfg") / "tiny.yaml"
+    path.write_text(
+        f"""
+model: {{name: pvt_v2_b0, drop_path_rate: 0.0}}
+data:
+  train_shards: {fmnist_shards}
+  val_shards: {fmnist_shards}
+  num_classes: 10
+  train_size: 32
+  val_size: 32
+  crop_pct: 1.0
+  num_threads: 1
+  label_smoothing: 0.0
+optim: {{lr: 2.0e-3, scale_lr: false, weight_decay: 0.01}}
+schedule: {{total_steps: {FAULT_STEPS}, warmup_steps: 1, min_lr: 1.0e-4}}
+deepspeed: {{zero_stage: 1, precision: fp32, micro_batch: 16, grad_accum: 1}}
+eval: {{every_steps: 1000, at_end: false}}
+checkpoint: {{every_steps: 2, keep_last: 2}}
+logging: {{log_every: 1, tensorboard: false}}
+dist: {{backend: gloo, timeout_s: 20}}
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def mount_tmpfs():
+    """mount_tmpfs(dir, "size=80m" | "ro"): a real filesystem with its own limits, unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, options: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
