@@ -13,6 +13,7 @@ import pytest
 import skimage
 import sklearn.datasets
 from fault_helpers import STEPS as FAULT_STEPS
+from launch_helpers import tiny_run_yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,18 +157,7 @@ def photo_shards(photo_tree, tmp_path_factory) -> Path:
 def fault_config(tmp_path_factory, fmnist_shards) -> Path:
     """The fault tests' run: pvt_v2_b0, 32 px, fp32, ZeRO-1, checkpoints every 2 steps."""
     path = tmp_path_factory.mktemp("faults-cfg") / "tiny.yaml"
-    path.write_text(
-        f"""
-model: {{name: pvt_v2_b0, drop_path_rate: 0.0}}
-data:
-  train_shards: {fmnist_shards}
-  val_shards: {fmnist_shards}
-  num_classes: 10
-  train_size: 32
-  val_size: 32
-  crop_pct: 1.0
-  num_threads: 1
-  label_smoothing: 0.0
+    rest = f"""
 optim: {{lr: 2.0e-3, scale_lr: false, weight_decay: 0.01}}
 schedule: {{total_steps: {FAULT_STEPS}, warmup_steps: 1, min_lr: 1.0e-4}}
 deepspeed: {{zero_stage: 1, precision: fp32, micro_batch: 16, grad_accum: 1}}
@@ -176,7 +166,7 @@ checkpoint: {{every_steps: 2, keep_last: 2}}
 logging: {{log_every: 1, tensorboard: false}}
 dist: {{backend: gloo, timeout_s: 20}}
 """
-    )
+    path.write_text(tiny_run_yaml(fmnist_shards, rest))
     return path
 
 

@@ -26,3 +26,17 @@ def rank_env() -> dict:
     for k in LAUNCHER_VARS:
         env.pop(k, None)
     return env
+
+
+def tiny_run_yaml(shards, rest: str, **data) -> str:
+    """Config of a few-step pvt_v2_b0 run at 32 px on the Fashion-MNIST `shards`.
+
+    ``data`` adds or replaces entries of the data section; ``rest`` is YAML for the other sections.
+    """
+    section = dict(
+        train_shards=str(shards), val_shards=str(shards), num_classes=10, train_size=32, val_size=32,
+        crop_pct=1.0, num_threads=1, label_smoothing=0.0,
+    )  # fmt: skip
+    section.update(data)
+    entries = ", ".join(f"{k}: {v}" for k, v in section.items())
+    return f"model: {{name: pvt_v2_b0, drop_path_rate: 0.0}}\ndata: {{{entries}}}\n{rest.strip()}\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import ROOT, free_port, rank_env
+from launch_helpers import ROOT, free_port, rank_env, tiny_run_yaml
 
 STEPS, CKPT_EVERY = 12, 6
 
@@ -45,19 +45,7 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory, fmnist_shards) -> Path:
     path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(
-        f"""
-model: {{name: pvt_v2_b0, drop_path_rate: 0.0}}
-data:
-  train_shards: {fmnist_shards}
-  val_shards: {fmnist_shards}
-  num_classes: 10
-  train_size: 32
-  val_size: 32
-  crop_pct: 1.0
-  scale: [0.7, 1.0]
-  num_threads: 1
-  label_smoothing: 0.0
+    rest = f"""
 optim: {{lr: 3.0e-3, scale_lr: false, weight_decay: 0.01}}
 schedule: {{total_steps: {STEPS}, warmup_steps: 1, min_lr: 1.0e-4}}
 deepspeed: {{precision: bf16, micro_batch: 32, grad_accum: 1}}
@@ -66,7 +54,7 @@ checkpoint: {{every_steps: {CKPT_EVERY}, keep_last: 3}}
 logging: {{log_every: 3}}
 dist: {{timeout_s: 120}}
 """
-    )
+    path.write_text(tiny_run_yaml(fmnist_shards, rest, scale="[0.7, 1.0]"))
     return path
 
 
