@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,3 +42,12 @@ def tiny_run_yaml(shards, rest: str, **data) -> str:
     section.update(data)
     entries = ", ".join(f"{k}: {v}" for k, v in section.items())
     return f"model: {{name: pvt_v2_b0, drop_path_rate: 0.0}}\ndata: {{{entries}}}\n{rest.strip()}\n"
+
+
+def export_weights(run_dir, out, *flags: str) -> dict:
+    """`python -m pvt_dist.export RUN_DIR OUT [flags]` as users run it; returns the written state dict."""
+    import torch
+
+    cmd = [sys.executable, "-m", "pvt_dist.export", str(run_dir), str(out), *flags]
+    subprocess.run(cmd, check=True, env=rank_env(), cwd=ROOT, timeout=300)
+    return torch.load(out, map_location="cpu", weights_only=True)

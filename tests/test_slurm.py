@@ -218,11 +218,14 @@ def rank_pid(job: str, rank: int) -> int | None:
     return tops[0] if tops else None
 
 
-def submit(config: Path, folder: Path, *extra: str) -> subprocess.CompletedProcess:
+def submit(config: Path, folder: Path, *extra: str) -> str:
+    """`launch/submit.py` on the local cluster (2 nodes x 1 task); returns the job id it printed."""
     cmd = [PYTHON, "launch/submit.py", "--config", str(config), "--nodes", "2", "--gpus-per-node", "0"]
     cmd += ["--tasks-per-node", "1", "--cpus-per-task", "1", "--timeout-min", "15", "--folder", str(folder)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd + list(extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd + list(extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.split("submitted job ")[1].split(";")[0]
 
 
 # --------------------------------------------------------------------------------------------- cluster tests
@@ -271,12 +274,10 @@ def test_sbatch_pretrain_two_nodes_completes(sbatch_run):
 def test_submitit_launcher_completes(sbatch_run, fmnist_shards, tmp_path):
     run_dir = tmp_path / "run"
     t0 = time.time()
-    proc = submit(
+    job = submit(
         write_config(tmp_path / "tiny.yaml", fmnist_shards, run_dir), tmp_path / "submitit", "--wait"
     )
     print(f"submitit 2x1 run: {time.time() - t0:.0f} s")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    job = proc.stdout.split("submitted job ")[1].split(";")[0]
     assert job_state(job) == ("COMPLETED", "0:0")
     assert_finished_run(run_dir)
     assert_same_losses(run_dir, sbatch_run["run_dir"])
@@ -323,9 +324,7 @@ def test_submitit_preempted_job_requeues_and_resumes(sbatch_run, fmnist_shards, 
     run_dir = tmp_path / "run"
     folder = tmp_path / "submitit"
     t0 = time.time()
-    proc = submit(write_config(tmp_path / "tiny.yaml", fmnist_shards, run_dir), folder)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    job = proc.stdout.split("submitted job ")[1].split(";")[0]
+    job = submit(write_config(tmp_path / "tiny.yaml", fmnist_shards, run_dir), folder)
     log = folder / f"{job}_0_log.err"
     wait_step(run_dir, 6, job, 400, log)
     # submitit's own test hook (SlurmJob._interrupt) does the same: the preemption signal to every task.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import ROOT, free_port, rank_env, tiny_run_yaml
+from launch_helpers import ROOT, export_weights, free_port, rank_env, tiny_run_yaml
 
 STEPS, CKPT_EVERY = 12, 6
 
@@ -112,14 +112,7 @@ def test_zero_stage_train_resume_export(stage, tiny_config, tmp_path):
 
     # Export consolidates the ZeRO partitions into fp32 weights that load strictly into the model.
     out = tmp_path / "weights.pth"
-    subprocess.run(
-        [sys.executable, "-m", "pvt_dist.export", str(run), str(out)],
-        check=True,
-        env=rank_env(),
-        cwd=ROOT,
-        timeout=300,
-    )
-    sd = torch.load(out, map_location="cpu", weights_only=True)
+    sd = export_weights(run, out)
     assert all(v.dtype == torch.float32 for v in sd.values())
     model = build_model("pvt_v2_b0", num_classes=10, img_size=32)
     missing, unexpected = load_pretrained(model, out)
@@ -127,10 +120,7 @@ def test_zero_stage_train_resume_export(stage, tiny_config, tmp_path):
     init = build_model("pvt_v2_b0", num_classes=10, img_size=32).state_dict()
     assert not torch.equal(sd["head.weight"], init["head.weight"])  # trained weights, not the init
     if stage < 3:
-        ema_out = tmp_path / "ema.pth"
-        cmd = [sys.executable, "-m", "pvt_dist.export", str(run), str(ema_out), "--ema"]
-        subprocess.run(cmd, check=True, env=rank_env(), cwd=ROOT, timeout=300)
-        ema = torch.load(ema_out, map_location="cpu", weights_only=True)
+        ema = export_weights(run, tmp_path / "ema.pth", "--ema")
         model.load_state_dict(ema, strict=True)
         assert not torch.equal(ema["head.weight"], sd["head.weight"])
 
@@ -155,11 +145,8 @@ def test_zero2_cpu_offload_with_repeated_augmentation(tiny_config, tmp_path):
     assert [again[s] for s in range(CKPT_EVERY + 1, STEPS + 1)] == [
         losses[s] for s in range(CKPT_EVERY + 1, STEPS + 1)
     ]
-    out = tmp_path / "weights.pth"
-    cmd = [sys.executable, "-m", "pvt_dist.export", str(run), str(out)]
-    subprocess.run(cmd, check=True, env=rank_env(), cwd=ROOT, timeout=300)
     model = build_model("pvt_v2_b0", num_classes=10, img_size=32)
-    model.load_state_dict(torch.load(out, map_location="cpu", weights_only=True), strict=True)
+    model.load_state_dict(export_weights(run, tmp_path / "weights.pth"), strict=True)
 
 
 def test_zero0_export_and_bad_launch(tiny_config, tmp_path):
@@ -174,15 +161,7 @@ def test_zero0_export_and_bad_launch(tiny_config, tmp_path):
         "schedule.total_steps=3",
         "checkpoint.every_steps=3",
     )
-    out = tmp_path / "w0.pth"
-    subprocess.run(
-        [sys.executable, "-m", "pvt_dist.export", str(run), str(out)],
-        check=True,
-        env=rank_env(),
-        cwd=ROOT,
-        timeout=300,
-    )
-    sd = torch.load(out, map_location="cpu", weights_only=True)
+    sd = export_weights(run, tmp_path / "w0.pth")
     model = build_model("pvt_v2_b0", num_classes=10, img_size=32)
     model.load_state_dict(sd, strict=True)
     # The fp32 masters, each matched to its name: within bf16 rounding of the trained bf16 module.
