@@ -109,8 +109,7 @@ class DetrTrainer(Trainer):
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.scheduler = StepDecay(optimizer, drop_step, s.lr_drop_factor)
 
-        expect = {"zero_stage": ds.zero_stage, "precision": ds.precision, "model": self.model_tag}
-        self._restore(resume_tag, expect)
+        self._restore(resume_tag)
         hp = {
             "backbone": model_cfg.backbone.name, "stages": str(model_cfg.backbone.stages),
             "num_queries": model_cfg.num_queries, "zero_stage": ds.zero_stage, "precision": ds.precision,

@@ -122,17 +122,17 @@ class Trainer:
         prepare_run_dir(self.run_dir, self.rank)
         self.last_eval: dict | None = None
 
-    def _restore(self, resume_tag: str | None, expect: dict) -> dict:
+    def _restore(self, resume_tag: str | None) -> dict:
         """Resume from ``resume_tag`` (engine, step, RNG, data position) or start at step 0.
 
-        ``expect`` holds checkpoint metadata that must match (ZeRO stage, precision, model). Returns the
-        checkpoint's client state ({} for a fresh start). The config is written to the run directory only
+        The checkpoint's ``checkpoint_identity()`` must match this run's. Returns the checkpoint's client
+        state ({} for a fresh start). The config is written to the run directory only
         after this, so a refused resume leaves the run's config.yaml as it was.
         """
         self.step, client = 0, {}
         data_epoch, loader_state = 0, None
         if resume_tag is not None:
-            client, rank_state, meta = self.ckpt.load(self.engine, resume_tag, expect)
+            client, rank_state, meta = self.ckpt.load(self.engine, resume_tag, self.checkpoint_identity())
             self.step = int(meta["step"])
             if meta.get("config_hash") != config_hash(self.cfg):
                 log.warning("resuming %s with a changed config (hash %s -> %s)",
@@ -221,8 +221,7 @@ class Trainer:
                 optimizer or engine_opt, cfg, self.total_steps, self.warmup_steps
             )
 
-        expect = {"zero_stage": ds.zero_stage, "precision": ds.precision, "model": self.model_tag}
-        client = self._restore(resume_tag, expect)
+        client = self._restore(resume_tag)
         if self.ema is not None and resume_tag is not None:
             if client.get("ema") is None:
                 raise RuntimeError(f"ema.enabled: checkpoint {resume_tag} has no EMA weights")
@@ -256,6 +255,11 @@ class Trainer:
         """The model's name in checkpoint metadata (a resume with another model is refused)."""
         return self.cfg.model.name
 
+    def checkpoint_identity(self) -> dict:
+        """Metadata a checkpoint must share with the run that resumes it (ZeRO stage, precision, model)."""
+        ds = self.cfg.deepspeed
+        return {"zero_stage": ds.zero_stage, "precision": ds.precision, "model": self.model_tag}
+
     def client_state(self) -> dict:
         """Stage-specific state saved with every checkpoint (rank 0's copy)."""
         return {"step": self.step, "ema": self.ema.module.state_dict() if self.ema is not None else None}
@@ -265,9 +269,7 @@ class Trainer:
         meta = {
             "config_hash": config_hash(self.cfg),
             "epoch": self.step / self.steps_per_epoch,
-            "zero_stage": self.cfg.deepspeed.zero_stage,
-            "precision": self.cfg.deepspeed.precision,
-            "model": self.model_tag,
+            **self.checkpoint_identity(),
         }
         self._check_finite_weights()
         path = self.ckpt.save(self.engine, self.step, self.client_state(), rank_state, meta)
