@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 # DeepSpeed JIT-compiles a communication op on first init (~80 s): cache it inside the ignored build area.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
 PYTEST_ARGS ?= --durations=25
+# DALI wheel for torch's CUDA major (pyproject extras cuda13 | cuda12).
+CUDA_EXTRA ?= cuda13
 
 .PHONY: all venv system-deps cluster lint format test test-all demo bench clean
 
@@ -17,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# torch/torchvision first, pinned to the releases this machine's index serves.
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[$(CUDA_EXTRA),dev]'
 	touch $@
 
 venv: $(STAMP)

@@ -243,8 +243,8 @@ def main(argv=None) -> list[dict]:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
+    from pvt_dist.cluster.distributed import init_distributed
     from pvt_dist.config import DistConfig
-    from pvt_dist.distributed import init_distributed
 
     env, device = init_distributed(DistConfig(timeout_s=600))
     world = env.world_size

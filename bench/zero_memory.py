@@ -120,7 +120,7 @@ def theory(n_params: int, dtype: str, stage: int, world: int) -> dict:
 
 def child(args) -> None:
     """One rank of one world size: measure every stage, rank 0 writes the rows."""
-    from pvt_dist.distributed import init_distributed
+    from pvt_dist.cluster.distributed import init_distributed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     env, _ = init_distributed(DistConfig(timeout_s=600))

@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pvt_dist import distributed as pdist
+    from pvt_dist.cluster import distributed as pdist
     from pvt_dist.config import DistConfig
     from pvt_dist.detection.data import DetectionDataConfig, build_detection_loader
     from pvt_dist.detection.evaluate import evaluate_coco

@@ -1,7 +1,7 @@
 """What both stages' entry points (launch/train.py, launch/finetune_detr.py) do: parse, build, train, close.
 
 The same script runs under ``deepspeed`` (which passes ``--local_rank``), ``torchrun``, ``srun`` and as a
-single process; ``pvt_dist.distributed.detect_env`` finds the ranks. This module imports nothing heavy
+single process; ``pvt_dist.cluster.distributed.detect_env`` finds the ranks. This module imports nothing heavy
 at the top, so a bad config or argument is reported before torch, DeepSpeed or DALI load.
 
 Exit codes: 0 done (or stopped for preemption with its checkpoint saved), 2 bad configuration or run
@@ -77,8 +77,8 @@ def run_stage(
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
+    from pvt_dist.cluster.distributed import cleanup, detect_env, init_distributed
     from pvt_dist.config import ConfigError
-    from pvt_dist.distributed import cleanup, detect_env, init_distributed
 
     overrides = list(args.overrides)
     if args.deepspeed_config:
@@ -91,10 +91,10 @@ def run_stage(
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
+    from pvt_dist.cluster.preemption import PreemptionHandler
     from pvt_dist.engine import NonFiniteLossError
     from pvt_dist.engine.logger import setup_logging
     from pvt_dist.engine.trainer import prepare_run_dir
-    from pvt_dist.preemption import PreemptionHandler
 
     try:  # before any process group starts: a bad run_dir costs nothing
         prepare_run_dir(os.path.abspath(cfg.run_dir), env.rank)

@@ -6,7 +6,7 @@
 # overrides), PYTHON (interpreter; default the repo's .venv/bin/python, else python3), PVT_DIST_ROOT (the
 # repository, set by the calling script).
 # Exports MASTER_ADDR/MASTER_PORT; each task derives RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/
-# SLURM_NTASKS/SLURM_LOCALID (pvt_dist/distributed.py): global rank shards the data, local rank picks the GPU.
+# SLURM_NTASKS/SLURM_LOCALID (pvt_dist/cluster/distributed.py): global rank shards the data, local rank picks the GPU.
 
 set -euo pipefail
 

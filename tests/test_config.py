@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pvt_dist.cluster.distributed import detect_env
 from pvt_dist.config import (
     ConfigError,
     TrainConfig,
@@ -21,7 +22,6 @@ from pvt_dist.config import (
     resolve_batch,
     resolve_config,
 )
-from pvt_dist.distributed import detect_env
 from pvt_dist.engine.ds_config import build_deepspeed_config
 from pvt_dist.engine.optim import build_param_groups, build_scheduler, resolve_schedule
 

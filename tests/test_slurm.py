@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pvt_dist.preemption import PreemptionHandler
+from pvt_dist.cluster.preemption import PreemptionHandler
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from pvt_dist import distributed as pdist
-from pvt_dist.distributed import DistEnv
+from pvt_dist.cluster import distributed as pdist
+from pvt_dist.cluster.distributed import DistEnv
 from pvt_dist.engine.cpu_bf16 import fp32_gemm
 from pvt_dist.engine.ds_config import build_deepspeed_config
 from pvt_dist.engine.trainer import Trainer, seed_all

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pvt_dist import distributed as pdist
+from pvt_dist.cluster import distributed as pdist
 
 log = logging.getLogger(__name__)
 

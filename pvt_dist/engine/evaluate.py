@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from pvt_dist import distributed as pdist
+from pvt_dist.cluster import distributed as pdist
 
 
 @torch.no_grad()

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from pvt_dist import distributed as pdist
+from pvt_dist.cluster import distributed as pdist
+from pvt_dist.cluster.distributed import DistEnv
 from pvt_dist.config import TrainConfig, config_hash, dump_config, peak_lr, to_dict
-from pvt_dist.distributed import DistEnv
 from pvt_dist.engine.checkpoint import CheckpointManager, check_writable
 from pvt_dist.engine.cpu_bf16 import fp32_gemm, use_fp32_gemm
 from pvt_dist.engine.ds_config import build_deepspeed_config

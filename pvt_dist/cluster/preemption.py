@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 # Set once this process asked Slurm (directly or through submitit) to requeue the job: the run is not
-# finished, so launchers must not report success (see pvt_dist/submitit_job.py).
+# finished, so launchers must not report success (see pvt_dist/cluster/submitit_job.py).
 _requeue_requested = False
 
 

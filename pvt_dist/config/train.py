@@ -6,7 +6,7 @@
 Every error names the offending key (``deepspeed.global_batch: ...``) and is raised before any
 process group starts, so a bad launch fails in seconds instead of after minutes of queueing.
 A YAML file may name another one under ``_base_`` (path relative to it); the two are deep-merged
-(the generic YAML <-> dataclass machinery is ``pvt_dist.config_io``).
+(the generic YAML <-> dataclass machinery is ``pvt_dist.config.io``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-# ConfigError, config_hash, dump_config and to_dict are also this module's API (both stages import them here).
-from pvt_dist.config_io import ConfigError, coerce, config_hash, dump_config, load_dataclass, to_dict  # noqa: F401
+from pvt_dist.config.io import ConfigError, coerce, load_dataclass
 from pvt_dist.data import DataConfig
 
 

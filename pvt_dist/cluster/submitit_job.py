@@ -4,7 +4,7 @@
 
 Each Slurm task unpickles :class:`TrainJob` and runs ``launch/train.py`` *in-process* (not as a child
 process), so that the signals Slurm sends to the task reach the trainer's
-:class:`~pvt_dist.preemption.PreemptionHandler`. How a preemption/timeout then flows:
+:class:`~pvt_dist.cluster.preemption.PreemptionHandler`. How a preemption/timeout then flows:
 
 1. Slurm sends ``SIGUSR2`` to every task ``slurm_signal_delay_s`` seconds before the time limit (submitit
    submits with ``--signal=USR2@<delay>``); preemption sends ``SIGTERM`` (and the test helper
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import submitit
 
-from pvt_dist import preemption
+from pvt_dist.cluster import preemption
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def master_port(job_id: str, restart_count: int) -> int:
@@ -61,7 +61,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         os.environ["MASTER_PORT"] = str(master_port(env.job_id, restarts))
-        # RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR for pvt_dist.distributed; keep every GPU of the node
+        # RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR for pvt_dist.cluster.distributed; keep every GPU of the node
         # visible because the engine selects its device from LOCAL_RANK.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))

@@ -1,0 +1,1 @@
+"""Cluster-facing code: launcher-agnostic process-group setup, preemption signals, the submitit job."""
