@@ -125,6 +125,28 @@ def test_zero_stage_train_resume_export(stage, tiny_config, tmp_path):
         assert not torch.equal(ema["head.weight"], sd["head.weight"])
 
 
+def test_zero2_bf16_fp32_reduce_and_accum_with_overlap_resumes_exactly(tiny_config, tmp_path):
+    """The GPU defaults on 2 CPU ranks: bf16 gradients reduced in fp32 and accumulated in fp32 over 2
+    micro batches, with overlap_comm forced on (auto turns it on on GPU only); stop, resume, same losses."""
+    run = tmp_path / "run"
+    over = ("deepspeed.zero_stage=2", "deepspeed.grad_accum=2", "deepspeed.overlap_comm=true",
+            "deepspeed.reduce_bucket_size=200000", "schedule.total_steps=8",
+            "checkpoint.every_steps=4")  # fmt: skip
+    torchrun(tiny_config, f"run_dir={run}", *over)
+    config = (run / "config.yaml").read_text()
+    assert "overlap_comm: true" in config and "grad_accum: 2" in config and "reduce_dtype: auto" in config
+    losses = step_losses(run)
+    assert sorted(losses) == list(range(1, 9))
+    assert sum(losses[s] for s in (6, 7, 8)) < sum(losses[s] for s in (1, 2, 3)) - 0.2, losses
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000008")
+    (resumed / "checkpoints" / "latest").write_text("step_00000004")
+    torchrun(tiny_config, f"run_dir={resumed}", *over)
+    again = step_losses(resumed)
+    assert [again[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
+
+
 def test_zero2_cpu_offload_with_repeated_augmentation(tiny_config, tmp_path):
     """ZeRO-Offload (DeepSpeedCPUAdam, JIT-built once) and repeated augmentation: trains, resumes exactly."""
     from pvt_dist.models import build_model

@@ -103,30 +103,48 @@ def detect_env(master_port: int = 29500) -> DistEnv:
 
 
 def device_for(env: DistEnv) -> torch.device:
-    """One process per GPU (by local rank) when CUDA is present, else the CPU."""
+    """The GPU of this process when CUDA is present, else the CPU.
+
+    Several visible GPUs: one process per GPU, by local rank. Exactly one visible GPU: index 0 whatever
+    the local rank, since a site that binds one GPU per task (``--gpus-per-task=1``, or
+    ``CUDA_VISIBLE_DEVICES`` set to one device per task) shows every task its own GPU as device 0.
+    """
     if torch.cuda.is_available():
-        if env.local_rank >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        if count == 1:
+            index = 0
+        elif env.local_rank < count:
+            index = env.local_rank
+        else:
             raise RuntimeError(
-                f"local rank {env.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                "launch one process per GPU"
+                f"local rank {env.local_rank} has no GPU ({count} visible); "
+                "launch one process per GPU, or bind one GPU per task"
             )
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def export_rendezvous(env: DistEnv, device: torch.device) -> None:
+    """The env:// rendezvous DeepSpeed and torch.distributed read.
+
+    DeepSpeed takes ``LOCAL_RANK`` as its CUDA device index (engine, ZeRO buffers), so on a GPU it gets
+    the index ``device_for`` chose: 0 for every task of a one-GPU-per-task binding.
+    """
+    os.environ.update(
+        RANK=str(env.rank),
+        LOCAL_RANK=str(device.index if device.type == "cuda" else env.local_rank),
+        WORLD_SIZE=str(env.world_size),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+    )
 
 
 def init_distributed(cfg: DistConfig, env: DistEnv | None = None) -> tuple[DistEnv, torch.device]:
     """Start the process group (DeepSpeed's comm layer over torch.distributed) and pick the device."""
     env = env or detect_env(cfg.master_port)
-    # DeepSpeed and torch.distributed read the env:// rendezvous from these.
-    os.environ.update(
-        RANK=str(env.rank),
-        LOCAL_RANK=str(env.local_rank),
-        WORLD_SIZE=str(env.world_size),
-        MASTER_ADDR=env.master_addr,
-        MASTER_PORT=str(env.master_port),
-    )
     device = device_for(env)
+    export_rendezvous(env, device)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Without a hint every rank would use every core: N ranks x N threads thrash a CPU node.
         local = next((int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if k in os.environ), 1)

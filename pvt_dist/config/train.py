@@ -54,8 +54,11 @@ class OptimConfig:
     """AdamW betas."""
     eps: float = 1e-8
     """AdamW epsilon."""
-    impl: Literal["auto", "torch", "fused"] = "auto"
-    """``fused`` = DeepSpeed FusedAdam (GPU, JIT-compiled), ``torch`` = torch.optim.AdamW; auto: by device."""
+    impl: Literal["auto", "torch", "torch_fused", "fused"] = "auto"
+    """AdamW implementation: ``torch`` = torch.optim.AdamW (foreach), ``torch_fused`` = the same with
+    ``fused=True`` (one kernel per step, GPU or CPU, nothing to compile), ``fused`` = DeepSpeed FusedAdam
+    (GPU only, JIT-built with an nvcc matching torch's CUDA). auto: torch_fused on GPU, torch on CPU.
+    ZeRO-Offload (``deepspeed.offload_optimizer: cpu``) always uses DeepSpeedCPUAdam."""
 
 
 @dataclass
@@ -104,6 +107,25 @@ class DeepSpeedOptions:
     """fp16: overflows tolerated before the loss scale is lowered."""
     min_loss_scale: float = 1.0
     """fp16: the loss scale never drops below this."""
+    reduce_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """dtype gradients are all-reduced / reduce-scattered in (DeepSpeed ``communication_data_type``).
+    auto: fp32 under bf16 (as FSDP2 reduces bf16 gradients: bf16 sums over many ranks lose bits), the
+    training dtype otherwise. fp32 or the training dtype only."""
+    grad_accum_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """dtype 16-bit gradients are accumulated in over ``grad_accum`` micro batches (DeepSpeed
+    ``data_types.grad_accum_dtype``). auto: fp32 when grad_accum > 1 at ZeRO-1/2, else the training dtype.
+    DeepSpeed 0.19 honours fp32 only at ZeRO-1/2 (stage 0 refuses the mix, stage 3 ignores it)."""
+    overlap_comm: bool | None = None
+    """Overlap ZeRO-1/2 gradient reduction with backward (DeepSpeed ``overlap_comm``), bucket by bucket.
+    None: on with a GPU, off on CPU (gloo on shared cores has no idle time to overlap into)."""
+    reduce_bucket_size: int = 25_000_000
+    """ZeRO-1/2 gradient elements per reduction bucket (DeepSpeed's default is 5e8, more than a whole
+    PVT-Large: nothing would overlap). 2.5e7 = 50 MB in bf16, about 3 buckets for PVT-Large."""
+    allgather_bucket_size: int = 25_000_000
+    """ZeRO-1/2 parameter elements per all-gather bucket after the step."""
+    tf32: bool = True
+    """TF32 tensor-core math for fp32 matmuls/convolutions (EMA validation, fp32 configs) on Ampere or
+    newer GPUs: ``torch.set_float32_matmul_precision("high")`` + cudnn.allow_tf32. No effect on CPU."""
     config_file: str | None = None
     """A user's DeepSpeed JSON; its entries win over the generated ones (``--deepspeed_config``)."""
 
@@ -224,6 +246,25 @@ def resolve_batch(ds: DeepSpeedOptions, world_size: int) -> tuple[int, int, int]
     return g, m, a
 
 
+def check_gpu_options(ds: DeepSpeedOptions) -> None:
+    """Reduction / accumulation dtypes and bucket sizes: values DeepSpeed 0.19 really applies."""
+    for key in ("reduce_dtype", "grad_accum_dtype"):
+        value = getattr(ds, key)
+        _check(
+            value in ("auto", "fp32", ds.precision),
+            f"deepspeed.{key}: {value} under precision {ds.precision}; use auto, fp32 or {ds.precision}",
+        )
+    _check(
+        ds.grad_accum_dtype != "fp32" or ds.precision == "fp32" or ds.zero_stage in (1, 2),
+        f"deepspeed.grad_accum_dtype: fp32 accumulation of {ds.precision} gradients needs zero_stage 1 or 2 "
+        f"(DeepSpeed refuses it at stage 0 and ignores it at stage 3), got stage {ds.zero_stage}",
+    )
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        _check(
+            getattr(ds, key) > 0, f"deepspeed.{key}: must be a positive element count, got {getattr(ds, key)}"
+        )
+
+
 def _merge_user_deepspeed_json(cfg: TrainConfig) -> None:
     """Batch, stage and precision in a user's DeepSpeed JSON take part in the same consistency checks."""
     path = cfg.deepspeed.config_file
@@ -299,6 +340,7 @@ def resolve_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
         f"deepspeed.initial_scale_power: must be >= 0, got {ds.initial_scale_power}",
     )
     _check(ds.loss_scale_window > 0, f"deepspeed.loss_scale_window: must be > 0, got {ds.loss_scale_window}")
+    check_gpu_options(ds)
 
     from pvt_dist.models import list_models
 
@@ -332,6 +374,11 @@ def resolve_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
     _check(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}")
     _check(all(0 <= b < 1 for b in o.betas), f"optim.betas: each must be in [0, 1), got {list(o.betas)}")
     _check(o.eps > 0, f"optim.eps: must be positive, got {o.eps}")
+    _check(
+        o.impl in ("auto", "torch") or ds.offload_optimizer == "none",
+        f"optim.impl: {o.impl} cannot step offloaded optimizer states; deepspeed.offload_optimizer: cpu "
+        "uses DeepSpeedCPUAdam (set optim.impl: auto)",
+    )
 
     s = cfg.schedule
     _check(s.epochs > 0, f"schedule.epochs: must be positive, got {s.epochs}")

@@ -17,6 +17,7 @@ from pvt_dist.config import (
     DistConfig,
     EvalConfig,
     LoggingConfig,
+    check_gpu_options,
     load_config,
     resolve_batch,
 )
@@ -127,6 +128,7 @@ def resolve_detr_config(cfg: DetrTrainConfig, world_size: int) -> DetrTrainConfi
     if ds.grad_clip is not None and ds.grad_clip <= 0:
         raise ConfigError(f"deepspeed.grad_clip: must be > 0 or null, got {ds.grad_clip}")
     ds.global_batch, ds.micro_batch, ds.grad_accum = resolve_batch(ds, world_size)
+    check_gpu_options(ds)
     o, s = cfg.optim, cfg.schedule
     for key, v in (("optim.lr", o.lr), ("optim.backbone_lr", o.backbone_lr)):
         if v < 0:

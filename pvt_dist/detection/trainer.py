@@ -102,10 +102,12 @@ class DetrTrainer(Trainer):
             {"params": [p for _, p in groups["backbone"]], "lr": o.backbone_lr, "name": "backbone"},
         ]
         param_groups = [g for g in param_groups if g["params"]]  # a frozen backbone has none
+        # fused=True on GPU: one CUDA kernel per step, shipped with torch (nothing to JIT-compile).
         optimizer = torch.optim.AdamW(
-            param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
-        )
-        ds_config = build_deepspeed_config(cfg)
+            param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+            fused=device.type == "cuda" or None,
+        )  # fmt: skip
+        ds_config = build_deepspeed_config(cfg, device.type)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.scheduler = StepDecay(optimizer, drop_step, s.lr_drop_factor)
 

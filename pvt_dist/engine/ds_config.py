@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pvt_dist.config import TrainConfig
+import torch
+
+from pvt_dist.config import DeepSpeedOptions, TrainConfig
 
 
 def _deep_update(base: dict, over: dict) -> dict:
@@ -17,9 +19,36 @@ def _deep_update(base: dict, over: dict) -> dict:
     return base
 
 
-def build_deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
-    """DeepSpeed config for a resolved ``cfg`` (batch triple already consistent with the world size)."""
+def reduction_dtypes(ds: DeepSpeedOptions) -> tuple[str, str | None]:
+    """(communication_data_type, grad_accum_dtype or None = DeepSpeed's default) for ``deepspeed.*``."""
+    reduce = ds.reduce_dtype
+    if reduce == "auto":
+        reduce = "fp32" if ds.precision == "bf16" else ds.precision
+    accum = ds.grad_accum_dtype
+    if accum == "auto":
+        fp32_accum = ds.precision != "fp32" and ds.grad_accum > 1 and ds.zero_stage in (1, 2)
+        accum = "fp32" if fp32_accum else None
+    elif accum == ds.precision:
+        accum = None  # DeepSpeed's default is the training dtype; leaving it unset keeps its plain path
+    return reduce, accum
+
+
+def overlap_comm(ds: DeepSpeedOptions, device_type: str) -> bool:
+    """ZeRO-1/2 reduction overlapped with backward: on a GPU by default (``deepspeed.overlap_comm``)."""
+    if ds.overlap_comm is None:
+        return device_type == "cuda" and ds.zero_stage in (1, 2)
+    return ds.overlap_comm
+
+
+def build_deepspeed_config(cfg: TrainConfig, device_type: str | None = None) -> dict[str, Any]:
+    """DeepSpeed config for a resolved ``cfg`` (batch triple already consistent with the world size).
+
+    ``device_type`` ("cuda" / "cpu") decides the ``auto`` options; default: cuda when torch sees a GPU.
+    """
     ds = cfg.deepspeed
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    reduce_dtype, accum_dtype = reduction_dtypes(ds)
     out: dict[str, Any] = {
         "train_batch_size": ds.global_batch,
         "train_micro_batch_size_per_gpu": ds.micro_batch,
@@ -31,6 +60,7 @@ def build_deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": ds.zero_stage},
+        "communication_data_type": reduce_dtype,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {
             "enabled": ds.precision == "fp16",
@@ -42,9 +72,15 @@ def build_deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
             "min_loss_scale": ds.min_loss_scale,
         },
     }
+    if accum_dtype is not None:
+        out["data_types"] = {"grad_accum_dtype": accum_dtype}
     zero = out["zero_optimization"]
     if ds.zero_stage >= 1:
-        zero.update(contiguous_gradients=True, overlap_comm=False, reduce_scatter=True)
+        zero.update(
+            contiguous_gradients=True, overlap_comm=overlap_comm(ds, device_type), reduce_scatter=True
+        )
+    if ds.zero_stage in (1, 2):
+        zero.update(reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.allgather_bucket_size)
     if ds.zero_stage == 3:
         # Export consolidates from the fp32 partitions, so 16-bit weights need not be gathered on save.
         # DeepSpeed's "memory efficient" F.linear replaces torch's process-wide and its backward escapes

@@ -21,26 +21,40 @@ def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
 
 
+def select_optimizer(impl: str, device_type: str, offload: bool) -> str:
+    """Which AdamW implementation a run gets: ``torch``, ``torch_fused``, ``fused`` or ``cpu_adam``.
+
+    ``auto`` picks torch's fused AdamW on GPU (a CUDA kernel shipped with torch: no compiler at run time)
+    and torch's foreach AdamW elsewhere. ZeRO-Offload steps on the host with DeepSpeedCPUAdam whatever
+    ``impl`` says; ``fused`` (DeepSpeed FusedAdam, JIT-built with an nvcc matching torch's CUDA) needs a GPU.
+    """
+    if offload:
+        return "cpu_adam"
+    if impl == "auto":
+        return "torch_fused" if device_type == "cuda" else "torch"
+    if impl == "fused" and device_type != "cuda":
+        raise ValueError(
+            "optim.impl: fused (DeepSpeed FusedAdam) needs a GPU; use auto, torch or torch_fused"
+        )
+    return impl
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """torch AdamW on CPU (no JIT), FusedAdam on GPU, DeepSpeedCPUAdam for ZeRO-Offload."""
+    """AdamW with the authors' parameter groups, in the implementation ``select_optimizer`` picks."""
     o = cfg.optim
     groups = build_param_groups(model, o.weight_decay)
     lr = peak_lr(cfg)
     kwargs = dict(lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    if cfg.deepspeed.offload_optimizer == "cpu":
+    impl = select_optimizer(o.impl, device.type, cfg.deepspeed.offload_optimizer == "cpu")
+    if impl == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    impl = o.impl
-    if impl == "auto":
-        impl = "fused" if device.type == "cuda" else "torch"
     if impl == "fused":
-        if device.type != "cuda":
-            raise ValueError("optim.impl: fused needs a GPU; use torch (or auto) on CPU")
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, fused=impl == "torch_fused" or None, **kwargs)
 
 
 def resolve_schedule(cfg: TrainConfig, loader_batches_per_epoch: int) -> tuple[int, int, int]:

@@ -30,6 +30,7 @@ from pvt_dist.engine.ds_config import build_deepspeed_config
 from pvt_dist.engine.evaluate import evaluate
 from pvt_dist.engine.logger import MetricLogger, memory_mb
 from pvt_dist.engine.optim import build_optimizer, build_param_groups, build_scheduler, resolve_schedule
+from pvt_dist.engine.tf32 import apply_tf32
 
 log = logging.getLogger("pvt_dist.train")
 
@@ -115,6 +116,7 @@ class Trainer:
         self.rank, self.world = env.rank, env.world_size
         self.dtype = DTYPES[cfg.deepspeed.precision]
         self.fp32_gemm = use_fp32_gemm(cfg.deepspeed.precision, device, cfg.deepspeed.cpu_bf16_math)
+        self.tf32 = apply_tf32(cfg.deepspeed.tf32, device)
         self.run_dir = os.path.abspath(cfg.run_dir)
         self.ckpt = CheckpointManager(
             os.path.join(self.run_dir, "checkpoints"), self.rank, self.world, cfg.checkpoint.keep_last
@@ -203,7 +205,7 @@ class Trainer:
         # Per-rank stream for dropout / drop-path / Mixup.
         seed_all(cfg.seed + 1000 * self.rank)
 
-        ds_config = build_deepspeed_config(cfg)
+        ds_config = build_deepspeed_config(cfg, device.type)
         if "optimizer" in ds_config:  # a user's JSON brings its own optimizer
             optimizer = None
             params = build_param_groups(model, cfg.optim.weight_decay)
