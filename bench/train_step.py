@@ -26,20 +26,22 @@ import logging
 import os
 import sys
 import time
+import typing
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pvt_dist.config import TrainConfig  # noqa: E402
+from pvt_dist.config import DeepSpeedOptions, TrainConfig, check_gpu_options, coerce  # noqa: E402
 from pvt_dist.engine.cpu_bf16 import fp32_gemm, use_fp32_gemm  # noqa: E402
 from pvt_dist.engine.ds_config import build_deepspeed_config  # noqa: E402
-from pvt_dist.engine.optim import build_optimizer, build_param_groups  # noqa: E402
+from pvt_dist.engine.optim import build_optimizer  # noqa: E402
 from pvt_dist.models import build_model  # noqa: E402
 from pvt_dist.models.summary import count_flops  # noqa: E402
 
@@ -84,30 +86,33 @@ def build_timm(name: str, num_classes: int):
 class Runner:
     """One DeepSpeed engine on one synthetic batch; ``step()`` runs and times one training step."""
 
-    def __init__(self, model, args, batch: int, dtype: str, stage: int, device, world: int):
+    def __init__(self, model, args, batch: int, dtype: str, stage: int, device, world: int, ds_over=()):
         import deepspeed
 
         cfg = TrainConfig()
         ds = cfg.deepspeed
-        ds.zero_stage, ds.precision, ds.micro_batch, ds.grad_accum = stage, dtype, batch, 1
-        ds.global_batch = batch * world
-        cfg.optim.impl = {"ds-fused": "fused", "torch": "torch", "torch-fused": "torch"}.get(
+        ds.zero_stage, ds.precision, ds.micro_batch, ds.grad_accum = stage, dtype, batch, args.grad_accum
+        ds.global_batch = batch * world * args.grad_accum
+        cfg.optim.impl = {"ds-fused": "fused", "torch": "torch", "torch-fused": "torch_fused"}.get(
             args.optim, "auto"
         )
-        ds_config = build_deepspeed_config(cfg)
-        if args.bucket_mb and stage >= 1:
+        if args.bucket_mb:
             elems = int(args.bucket_mb * 2**20 / (4 if dtype == "fp32" else 2))
-            ds_config["zero_optimization"].update(reduce_bucket_size=elems, allgather_bucket_size=elems)
+            ds.reduce_bucket_size = ds.allgather_bucket_size = elems
+        if args.overlap_comm:
+            ds.overlap_comm = True
+        # --ds / --compare: deepspeed.* keys as in a config file, typed and validated like one.
+        hints = typing.get_type_hints(DeepSpeedOptions)
+        for item in (*args.ds, *ds_over):
+            key, raw = item.split("=", 1)
+            setattr(ds, key, coerce(yaml.safe_load(raw), hints[key], f"deepspeed.{key}"))
+        check_gpu_options(ds)
+        self.grad_accum = args.grad_accum
+        ds_config = build_deepspeed_config(cfg, device.type)
         if args.no_mem_efficient_linear and stage == 3:
             ds_config["zero_optimization"]["memory_efficient_linear"] = False
-        if args.overlap_comm and stage >= 1:
-            ds_config["zero_optimization"]["overlap_comm"] = True
         model = model.to(device)
-        if args.optim == "torch-fused":
-            groups = build_param_groups(model, cfg.optim.weight_decay)
-            optimizer = torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
-        else:
-            optimizer = build_optimizer(model, cfg, device)
+        optimizer = build_optimizer(model, cfg, device)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         if args.compile:
             # Compiles the wrapped module in place; DeepSpeed's hooks stay outside the graph.
@@ -130,11 +135,12 @@ class Runner:
     def step(self, record: bool) -> None:
         sync(self.device)
         t0 = time.perf_counter()
-        with fp32_gemm(self.fp32_gemm), self.sdpa():
-            logits = self.engine(self.x)
-        loss = F.cross_entropy(logits.float(), self.y)
-        self.engine.backward(loss)
-        self.engine.step()
+        for _ in range(self.grad_accum):  # DeepSpeed steps the optimizer at the last micro batch
+            with fp32_gemm(self.fp32_gemm), self.sdpa():
+                logits = self.engine(self.x)
+            loss = F.cross_entropy(logits.float(), self.y)
+            self.engine.backward(loss)
+            self.engine.step()
         sync(self.device)
         if record:
             self.times.append(time.perf_counter() - t0)
@@ -157,17 +163,22 @@ class Runner:
 
 
 def bench_config(args, name, batch, dtype, stage, device, world, peak) -> list[dict]:
-    impls = [("pvt_dist", name, lambda: build_model(name, num_classes=args.num_classes, img_size=args.size,
-                                                     drop_path_rate=args.drop_path))]  # fmt: skip
-    timm_name = name if name.startswith("pvt_v2") else TIMM_EQUIVALENT.get(name)
-    if not args.no_timm and timm_name is not None:
-        impls.append(("timm", timm_name, lambda: build_timm(timm_name, args.num_classes)))
+    ours = lambda: build_model(name, num_classes=args.num_classes, img_size=args.size,
+                               drop_path_rate=args.drop_path)  # fmt: skip
+    if args.compare:  # one of our engines per value of one deepspeed.* key, the last one is the baseline
+        key, values = args.compare.split("=", 1)
+        impls = [(f"{key}={v}", name, ours, (f"{key}={v}",)) for v in values.split(",")]
+    else:
+        impls = [("pvt_dist", name, ours, ())]
+        timm_name = name if name.startswith("pvt_v2") else TIMM_EQUIVALENT.get(name)
+        if not args.no_timm and timm_name is not None:
+            impls.append(("timm", timm_name, lambda: build_timm(timm_name, args.num_classes), ()))
     runners, flops = [], []
-    for _, _, ctor in impls:
+    for _, _, ctor, ds_over in impls:
         torch.manual_seed(0)
         model = ctor()
         flops.append(count_flops(model, args.size) * 3)  # fwd + bwd (2x fwd) per image
-        runners.append(Runner(model, args, batch, dtype, stage, device, world))
+        runners.append(Runner(model, args, batch, dtype, stage, device, world, ds_over))
     # Interleaved: each implementation sees the same machine state, step after step. The order flips
     # every step because the first to run after the other's step pays its page faults (profiled).
     for i in range(args.warmup + args.steps):
@@ -175,9 +186,9 @@ def bench_config(args, name, batch, dtype, stage, device, world, peak) -> list[d
             r.step(record=i >= args.warmup)
     rows = []
     base = runners[-1].median() if len(runners) > 1 else None
-    for (impl, model_name, _), r, f in zip(impls, runners, flops):
+    for (impl, model_name, _, _), r, f in zip(impls, runners, flops):
         sec = r.median()
-        ips = batch / sec  # per device
+        ips = batch * args.grad_accum / sec  # per device
         rows.append(dict(
             impl=impl, model=model_name, batch=batch, size=args.size, dtype=dtype, zero=stage, world=world,
             device=str(device.type), ms_per_step=round(sec * 1e3, 2), img_per_s=round(ips * world, 2),
@@ -195,14 +206,15 @@ def bench_config(args, name, batch, dtype, stage, device, world, peak) -> list[d
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'impl':<9} {'model':<11} {'batch':>5} {'dtype':<5} {'zero':>4} {'world':>5} {'ms/step':>9} "
-            f"{'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'vs timm':>7}")  # fmt: skip
+    w = max([9] + [len(r["impl"]) for r in rows])
+    head = (f"{'impl':<{w}} {'model':<11} {'batch':>5} {'dtype':<5} {'zero':>4} {'world':>5} {'ms/step':>9} "
+            f"{'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'vs last':>7}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
         vs = f"{r['speed_vs_timm']:.2f}" if r["speed_vs_timm"] is not None else "-"
         lines.append(
-            f"{r['impl']:<9} {r['model']:<11} {r['batch']:>5} {r['dtype']:<5} {r['zero']:>4} {r['world']:>5} "
-            f"{r['ms_per_step']:>9.1f} {r['img_per_s']:>9.1f} {r['tflops_per_device']:>8.3f} "
+            f"{r['impl']:<{w}} {r['model']:<11} {r['batch']:>5} {r['dtype']:<5} {r['zero']:>4} "
+            f"{r['world']:>5} {r['ms_per_step']:>9.1f} {r['img_per_s']:>9.1f} {r['tflops_per_device']:>8.3f} "
             f"{100 * r['mfu']:>5.1f}% {vs:>7}"
         )
     return "\n".join(lines)
@@ -221,8 +233,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--drop-path", type=float, default=0.0, help="ours; timm's baseline uses 0")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak; default: measured matmul")
     p.add_argument("--optim", default="auto", choices=["auto", "torch", "torch-fused", "ds-fused"],
-                   help="auto = the engine's choice (DeepSpeed FusedAdam on GPU, torch AdamW on CPU); "
-                   "torch-fused = torch.optim.AdamW(fused=True), no JIT")  # fmt: skip
+                   help="auto = the engine's choice (torch AdamW fused=True on GPU, foreach on CPU); "
+                   "ds-fused = DeepSpeed FusedAdam (JIT-built with nvcc)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile the model (engine.compile())")
     p.add_argument("--channels-last", action="store_true", help="channels-last input images")
     p.add_argument("--sdpa", default="auto", choices=["auto", "math"],
@@ -232,6 +244,12 @@ def main(argv=None) -> list[dict]:
                    help="ZeRO-3: keep torch's F.linear (DeepSpeed's swap defeats CPU bf16)")  # fmt: skip
     p.add_argument("--bucket-mb", type=float, default=None, help="ZeRO reduce/allgather bucket size in MiB")
     p.add_argument("--no-timm", action="store_true", help="skip the timm baseline rows")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro batches per optimizer step")
+    p.add_argument("--ds", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="deepspeed.* config keys for every engine, e.g. reduce_dtype=bf16")  # fmt: skip
+    p.add_argument("--compare", default=None, metavar="KEY=A,B",
+                   help="instead of timm: one engine per value of a deepspeed.* key, interleaved; "
+                   "'vs' is relative to the last value, e.g. reduce_dtype=fp32,bf16")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--json", default=None, help="also write the rows (and the run's setup) here")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
