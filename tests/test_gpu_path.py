@@ -5,7 +5,10 @@ communication overlap and TF32. These test our selection logic with a faked devi
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,3 +167,124 @@ def test_tf32_on_ampere_and_newer_only(monkeypatch, tf32_flags):
     assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
     assert tf32.apply_tf32(False, torch.device("cuda", 0)) is False
     assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+
+
+def test_missing_dali_names_the_extras():
+    code = (
+        "import sys; sys.modules['nvidia.dali'] = None\n"
+        "try:\n    import pvt_dist.data.dali_pipeline\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "NVIDIA DALI is not importable" in out and ".[cuda13]" in out and ".[cuda12]" in out, out
+
+
+# --- DALI decoders and pipelines (CPU) ---
+
+
+def test_mixed_decoder_hints_exist_in_the_installed_dali():
+    from nvidia.dali import backend
+
+    from pvt_dist.data.dali_pipeline import decoder_args
+
+    mixed, cpu = decoder_args("mixed"), decoder_args("cpu")
+    assert mixed == {
+        "jpeg_fancy_upsampling": True, "device_memory_padding": 211025920, "host_memory_padding": 140544512,
+        "preallocate_width_hint": 5980, "preallocate_height_hint": 6430,
+    }  # fmt: skip
+    assert cpu == {"jpeg_fancy_upsampling": True}  # padding/preallocation are nvJPEG (GPU) memory
+    for op in ("decoders__Image", "decoders__ImageRandomCrop"):
+        assert set(mixed) <= set(backend.GetSchema(op).GetArgumentNames()), op
+
+
+def _loader_cfg(shards, **kw):
+    from pvt_dist.data import DataConfig
+
+    base = dict(train_shards=str(shards), val_shards=str(shards), num_classes=10, train_size=32, val_size=32,
+                crop_pct=1.0, num_threads=1, shuffle_buffer=64)  # fmt: skip
+    return DataConfig(**{**base, **kw})
+
+
+def test_built_pipelines_carry_the_decoder_arguments(fmnist_shards):
+    """The serialized graphs of the train, repeated-augmentation and val pipelines (what DALI runs)."""
+    from pvt_dist.data import build_loader
+
+    for split, kw in (("train", {}), ("train", {"repeated_aug": 2}), ("val", {})):
+        loader = build_loader(_loader_cfg(fmnist_shards, **kw), split, 0, 1, seed=0, micro_batch=8)
+        graph = loader._build(0, 0, None).serialize()
+        assert b"jpeg_fancy_upsampling" in graph, (split, kw)
+
+
+def test_val_pipeline_is_kept_and_repeats_its_batches(fmnist_shards):
+    from pvt_dist.data import build_loader
+
+    cfg = _loader_cfg(fmnist_shards)
+    loader = build_loader(cfg, "val", 1, 2, seed=0, micro_batch=100, return_keys=True)
+    first = list(loader)
+    kept = loader._val_pipe
+    assert kept is not None
+    loader.set_epoch(5)
+    second = list(loader)
+    assert loader._val_pipe is kept  # the same pipeline served the second evaluation
+    fresh = list(build_loader(cfg, "val", 1, 2, seed=0, micro_batch=100, return_keys=True))
+    for a, b, c in zip(first, second, fresh, strict=True):
+        assert a[2] == b[2] == c[2] and torch.equal(a[0], b[0]) and torch.equal(a[0], c[0])
+        assert torch.equal(a[1], b[1])
+    # A pass left halfway is not kept: the next evaluation starts again from the first batch.
+    next(iter(loader))
+    assert loader._val_pipe is None
+    third = list(loader)
+    assert [k for *_, k in third] == [k for *_, k in first]
+
+
+def test_detection_targets_built_on_device_match_per_sample_conversion():
+    """The batched conversion against the per-sample one it replaced, on the same DALI outputs."""
+    from detection_helpers import labelme_example
+
+    from pvt_dist.detection.box_ops import box_xyxy_to_cxcywh
+    from pvt_dist.detection.data import DetectionDataConfig, build_detection_loader
+
+    root = labelme_example()
+    ann = str(root / "annotations.json")
+    cfg = DetectionDataConfig(train_ann=ann, train_images=str(root), val_ann=ann, val_images=str(root),
+                              scale_factor=0.25, device="cpu", num_threads=1)  # fmt: skip
+    for split in ("train", "val"):
+        loader = build_detection_loader(cfg, split, micro_batch=2)
+        outs = loader._build().run()
+        images, mask, targets, infos = loader._convert(outs)
+        _, size_hw, _, boxes, cats, _ = outs
+        sizes = torch.from_numpy(size_hw.as_array().astype("int64"))
+        for b in range(images.shape[0]):
+            h, w = sizes[b].tolist()
+            ref = torch.ones(images.shape[2:], dtype=torch.bool)
+            ref[:h, :w] = False
+            assert torch.equal(mask[b], ref)
+            ltrb = torch.from_numpy(np.array(boxes[b], dtype=np.float32).reshape(-1, 4))
+            cat = np.array(cats[b], dtype=np.int64).reshape(-1)
+            lut = {c: i for i, c in enumerate(loader.annotations.label_to_cat)}
+            assert targets[b]["labels"].tolist() == [lut[int(c)] for c in cat]
+            assert torch.equal(
+                targets[b]["boxes"], box_xyxy_to_cxcywh(ltrb.reshape(-1, 4).float().clamp(0, 1))
+            )
+            assert infos[b]["size"] == [h, w]
+
+
+def test_detection_val_pipeline_is_kept_between_evaluations():
+    from detection_helpers import labelme_example
+
+    from pvt_dist.detection.data import DetectionDataConfig, build_detection_loader
+
+    root = labelme_example()
+    ann = str(root / "annotations.json")
+    cfg = DetectionDataConfig(train_ann=ann, train_images=str(root), val_ann=ann, val_images=str(root),
+                              scale_factor=0.25, device="cpu", num_threads=1)  # fmt: skip
+    loader = build_detection_loader(cfg, "val", micro_batch=2)
+    loader.set_epoch(0)
+    first = list(loader)
+    kept = loader._pipe
+    loader.set_epoch(0)
+    second = list(loader)
+    assert loader._pipe is kept
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert [i["image_id"] for i in a[3]] == [i["image_id"] for i in b[3]]

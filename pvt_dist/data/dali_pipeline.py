@@ -1,9 +1,16 @@
 """DALI pipelines: one definition for GPU ("mixed" nvJPEG decoding + GPU ops) and CPU (device_id=None).
 
 Local shards are read by DALI's webdataset reader with the index files; remote shards (http, s3, pipe:)
-are streamed by the webdataset library into `fn.external_source` and decoded by the same graph. A fresh
-pipeline is built per epoch with a seed from (seed, epoch, rank), which makes the order a function of the
-epoch; mid-epoch state is DALI's own checkpoint (reader position, shuffle buffer and operator RNGs).
+are streamed by the webdataset library into `fn.external_source` and decoded by the same graph.
+
+Training builds a fresh pipeline per epoch with a seed from (seed, epoch, rank): an epoch's reader plan
+(the rank's slot, which rotates with the epoch, its seed, and a length of full batches of the shortest
+range, shorter than the reader's own epoch) is fixed at build time, so a persistent reader would carry the
+unread rest of its range and its RNG state into the next epoch; the order would then depend on history
+and an epoch-boundary resume would need a DALI checkpoint. Mid-epoch state is DALI's own checkpoint
+(reader position, shuffle buffer and operator RNGs). Validation of local shards has neither randomness
+nor a per-epoch plan: one pipeline serves every evaluation (its reader wraps to the start of the padded
+shard after each pass).
 """
 
 from __future__ import annotations
@@ -14,14 +21,34 @@ import re
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali import math as dmath
 
 from pvt_dist.data.config import DataConfig, parse_rand_augment
+from pvt_dist.data.dali_import import dmath, fn, pipeline_def, types
 from pvt_dist.data.loader import ShardLoader, parse_label
 from pvt_dist.data.stream import external_source_batches
 
 INTERP = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR, "nearest": types.INTERP_NN}
+# nvJPEG scratch memory sized once for the largest ImageNet image instead of regrown while training (the
+# values of NVIDIA's ResNet-50 DALI example): device and pinned-host padding in bytes, and the hardware
+# decoder's preallocation for a 5980 x 6430 image.
+MIXED_DECODER_HINTS = dict(
+    device_memory_padding=211_025_920,
+    host_memory_padding=140_544_512,
+    preallocate_width_hint=5980,
+    preallocate_height_hint=6430,
+)
+
+
+def decoder_args(decode_dev: str) -> dict:
+    """Keyword arguments of every image decoder of both stages, for ``device="cpu"`` or ``"mixed"``.
+
+    ``jpeg_fancy_upsampling``: the GPU decoder upsamples chroma as libjpeg-turbo does (the CPU decoder,
+    PIL), so GPU-decoded pixels match the CPU path and the reference pipelines.
+    """
+    args: dict = dict(jpeg_fancy_upsampling=True)
+    if decode_dev == "mixed":
+        args.update(MIXED_DECODER_HINTS)
+    return args
 
 
 def shorter_side_size(jpegs, short: int):
@@ -57,11 +84,18 @@ def train_views(jpegs, cfg: DataConfig, decode_dev: str, out_type, mean, std, in
     if repeats == 1:
         # adjust_orientation=False: like PIL/timm, EXIF orientation is not applied.
         decoded = fn.decoders.image_random_crop(
-            jpegs, device=decode_dev, output_type=out_type, num_attempts=10, adjust_orientation=False, **crop
-        )
+            jpegs, device=decode_dev, output_type=out_type, num_attempts=10, adjust_orientation=False,
+            **crop, **decoder_args(decode_dev),
+        )  # fmt: skip
         crops = [fn.resize(decoded, size=[size, size], interp_type=interp, antialias=True)]
     else:
-        decoded = fn.decoders.image(jpegs, device=decode_dev, output_type=out_type, adjust_orientation=False)
+        decoded = fn.decoders.image(
+            jpegs,
+            device=decode_dev,
+            output_type=out_type,
+            adjust_orientation=False,
+            **decoder_args(decode_dev),
+        )
         crops = [
             fn.random_resized_crop(
                 decoded, size=[size, size], num_attempts=10, interp_type=interp, antialias=True, **crop
@@ -111,7 +145,9 @@ def image_pipeline(
     if train:
         return (*train_views(jpegs, cfg, decode_dev, out_type, mean, std, interp, repeats), cls, names)
     size = cfg.val_size
-    images = fn.decoders.image(jpegs, device=decode_dev, output_type=out_type, adjust_orientation=False)
+    images = fn.decoders.image(
+        jpegs, device=decode_dev, output_type=out_type, adjust_orientation=False, **decoder_args(decode_dev)
+    )
     hw = shorter_side_size(jpegs, math.floor(size / cfg.crop_pct))  # [2] int: (H', W')
     hw_f = fn.cast(hw, dtype=types.FLOAT)
     images = fn.resize(images, resize_y=hw_f[0], resize_x=hw_f[1], interp_type=interp, antialias=True)
@@ -151,6 +187,7 @@ class DaliLoader(ShardLoader):
                 else (torch.cuda.current_device())
             )
         self._pipe = None
+        self._val_pipe = None  # kept between evaluations once a pass has completed
 
     def _build(self, epoch: int, start_batch: int, checkpoint):
         cfg, shards = self.cfg, self.shards
@@ -214,7 +251,12 @@ class DaliLoader(ShardLoader):
         exact = backend_state is not None or start_batch == 0 or not local
         # A local mid-epoch position without a DALI checkpoint (a hand-made state) is reached by replaying
         # the epoch: slower, but the same samples and augmentations.
-        self._pipe = self._build(epoch, start_batch if not local else 0, backend_state if local else None)
+        reuse = local and not self.train
+        if reuse and self._val_pipe is not None:
+            # Taken, not shared: a pass abandoned halfway leaves the reader mid-shard, so it is not kept.
+            self._pipe, self._val_pipe = self._val_pipe, None
+        else:
+            self._pipe = self._build(epoch, start_batch if not local else 0, backend_state if local else None)
         first = start_batch if exact else 0
         begin, end = self.rank_samples(epoch)
         real_total = end - begin
@@ -243,4 +285,6 @@ class DaliLoader(ShardLoader):
             b, n = self.micro_batch, len(views)  # repeated augmentation: n views, cut to the micro batch
             images = torch.cat([self._to_torch(v) for v in views])[:b]
             yield images, torch.tensor((labels * n)[:b], dtype=torch.int64), (keys * n)[:b]
+        if reuse and first == 0:
+            self._val_pipe = self._pipe
         self._pipe = None

@@ -58,6 +58,14 @@ def seeded_rng(seed: int, device: torch.device):
             random.setstate(state)
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync: a copy from pageable memory waits for the whole
+    CUDA stream, one from pinned memory is queued on it. On the CPU the tensor itself."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def parse_label(raw: bytes, key: str, num_classes: int, fld: str) -> int:
     try:
         label = int(raw)
@@ -194,8 +202,8 @@ class ShardLoader:
         self._resume = None
         self._consumed = start
         for i, (images, labels, keys) in enumerate(self._run_epoch(epoch, start, state), start):
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+            images = host_to_device(images, self.device)  # no-op for DALI "mixed" (already there)
+            labels = host_to_device(labels, self.device)
             if self._eraser is not None:
                 with seeded_rng(mix_seed(self.epoch_seed(epoch), i), self.device):
                     images = self._eraser(images)

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali import math as dmath
+
+from pvt_dist.data.dali_import import dmath, fn, pipeline_def, types
+from pvt_dist.data.dali_pipeline import decoder_args
+from pvt_dist.data.loader import host_to_device
 
 from .box_ops import box_xyxy_to_cxcywh
 from .targets import CocoAnnotations
@@ -141,7 +143,9 @@ def detr_pipeline(
     )
     shape = fn.peek_image_shape(jpegs)
     orig_h, orig_w = _float(shape[0]), _float(shape[1])
-    images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+    images = fn.decoders.image(
+        jpegs, device=decode_device, output_type=types.RGB, **decoder_args(decode_device)
+    )
     h, w = orig_h, orig_w
     if train:
         flip = fn.random.coin_flip(probability=cfg.hflip_prob)
@@ -235,7 +239,7 @@ class DetectionLoader:
         lut = np.full(max(self.annotations.cat_to_label) + 1, -1, dtype=np.int64)
         for cat, label in self.annotations.cat_to_label.items():
             lut[cat] = label
-        self._cat_lut = torch.from_numpy(lut)
+        self._cat_lut = torch.from_numpy(lut).to(self.device)  # category id -> contiguous label
         self.epoch = 0
         self._batch = 0  # batches of the current epoch already handed out
         self._pipe = None
@@ -263,11 +267,13 @@ class DetectionLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Train order comes from the reader's per-epoch reshuffle (same seed on every rank); validation
-        restarts from the start of the shard so every evaluation sees the same images."""
+        restarts from the start of the shard so every evaluation sees the same images: the pipeline of
+        a completed pass is kept (its reader wraps to the start of the padded shard), one left halfway is
+        not."""
+        if not self.train and self._batch != 0:
+            self._pipe = None
         self.epoch = epoch
         self._batch = 0
-        if not self.train:
-            self._pipe = None
 
     def state_dict(self) -> dict:
         """Position in the epoch plus DALI's checkpoint of the reader and augmentation RNG (exact resume)."""
@@ -291,36 +297,37 @@ class DetectionLoader:
             self._batch += 1
             yield self._convert(self._pipe.run())
         self._batch = 0
-        if not self.train:
-            self._pipe = None  # next evaluation starts again at the beginning of the shard
 
     def _convert(self, outs):
         images, size_hw, orig_hw, boxes, cats, image_ids = outs
-        images = _to_torch(images, self.device)  # [B, 3, Hp, Wp]
-        sizes = torch.from_numpy(size_hw.as_array().astype(np.int64))  # [B, 2]
-        origs = torch.from_numpy(orig_hw.as_array().astype(np.int64))
+        dev = self.device
+        images = _to_torch(images, dev)  # [B, 3, Hp, Wp]
+        sizes = size_hw.as_array().astype(np.int64)  # [B, 2] (h, w), host copy for the infos
+        origs = orig_hw.as_array().astype(np.int64)
         bsz, _, hp, wp = images.shape
-        ys = torch.arange(hp)[None, :, None]
-        xs = torch.arange(wp)[None, None, :]
-        mask = (ys >= sizes[:, 0, None, None]) | (xs >= sizes[:, 1, None, None])  # [B, Hp, Wp]
-        targets, infos = [], []
-        for b in range(bsz):
-            ltrb = torch.from_numpy(np.array(boxes[b], dtype=np.float32).reshape(-1, 4))
-            cat = torch.from_numpy(np.array(cats[b], dtype=np.int64).reshape(-1))
-            targets.append(
-                {
-                    "labels": self._cat_lut[cat].to(self.device),
-                    "boxes": box_xyxy_to_cxcywh(ltrb.clamp(0.0, 1.0)).to(self.device),
-                }
-            )
-            infos.append(
-                {
-                    "image_id": int(np.array(image_ids[b]).reshape(-1)[0]),
-                    "orig_size": origs[b].tolist(),
-                    "size": sizes[b].tolist(),
-                }
-            )
-        return images, mask.to(self.device), targets, infos
+        # Built on the device from B sizes: one tiny upload instead of a [B, Hp, Wp] mask per batch.
+        size_dev = host_to_device(torch.from_numpy(sizes), dev)
+        ys = torch.arange(hp, device=dev)[None, :, None]
+        xs = torch.arange(wp, device=dev)[None, None, :]
+        mask = (ys >= size_dev[:, 0, None, None]) | (xs >= size_dev[:, 1, None, None])  # [B, Hp, Wp]
+        # Every box and category of the batch in one upload each; label lookup and cxcywh on the device.
+        counts = [int(np.asarray(cats[b]).size) for b in range(bsz)]
+        ltrb = np.concatenate([np.asarray(boxes[b], dtype=np.float32).reshape(-1, 4) for b in range(bsz)])
+        cat = np.concatenate([np.asarray(cats[b], dtype=np.int64).reshape(-1) for b in range(bsz)])
+        labels = self._cat_lut[host_to_device(torch.from_numpy(cat), dev)]  # [sum N]
+        cxcywh = box_xyxy_to_cxcywh(host_to_device(torch.from_numpy(ltrb), dev).clamp(0.0, 1.0))  # [sum N, 4]
+        targets = [
+            {"labels": lab, "boxes": box} for lab, box in zip(labels.split(counts), cxcywh.split(counts))
+        ]
+        infos = [
+            {
+                "image_id": int(np.array(image_ids[b]).reshape(-1)[0]),
+                "orig_size": origs[b].tolist(),
+                "size": sizes[b].tolist(),
+            }
+            for b in range(bsz)
+        ]
+        return images, mask, targets, infos
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
