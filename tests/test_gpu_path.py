@@ -1,6 +1,6 @@
 """The GPU path's own decisions, checked on CPU: optimizer choice, device binding, reduction dtypes,
 communication overlap and TF32. These test our selection logic with a faked device; the dependencies
-(DeepSpeed, CUDA) themselves run in the integration tests and in bench/gpu_check.sh."""
+(DeepSpeed, CUDA) themselves run in the integration tests and in bench/gpu_check.py."""
 
 from __future__ import annotations
 
@@ -89,7 +89,9 @@ def test_several_visible_gpus_by_local_rank_and_too_few_raise(fake_gpus):
 
 def test_deepspeed_gets_the_chosen_device_as_local_rank(monkeypatch):
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+        # setenv records the variable, so teardown removes what export_rendezvous writes (later tests, and
+        # webdataset, would otherwise see a 4-rank job).
+        monkeypatch.setenv(k, "unset")
     export_rendezvous(env(3), torch.device("cuda", 0))
     assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("3", "0", "4")
     export_rendezvous(env(3), torch.device("cpu"))
