@@ -49,6 +49,11 @@ def sample_photos() -> list[Path]:
     return srcs + [Path(sklearn.datasets.__file__).parent / "images" / p for p in ("china.jpg", "flower.jpg")]
 
 
+def photo_shards_dir(copies: int, photos: str | None = None) -> Path:
+    """Where the shards of ``copies`` copies per photo are cached (one folder per size of the set)."""
+    return ROOT / "build/bench-data" / (f"photos-x{copies}" if not photos else f"photos-dir-x{copies}")
+
+
 def build_photo_shards(out: Path, copies: int, photos: Path | None = None) -> Path:
     """ImageNet-like shards of real photos: 2 classes x photos x copies, each copy a distinct JPEG.
 
@@ -133,9 +138,7 @@ def main(argv=None) -> int:
         Path(args.shards)
         if args.shards
         else build_photo_shards(
-            ROOT / ("build/bench-data/photos" if not args.photos else "build/bench-data/photos-dir"),
-            args.copies,
-            Path(args.photos) if args.photos else None,
+            photo_shards_dir(args.copies, args.photos), args.copies, args.photos and Path(args.photos)
         )
     )
     with open(shards / "manifest.json") as f:

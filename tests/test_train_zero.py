@@ -125,11 +125,15 @@ def test_zero_stage_train_resume_export(stage, tiny_config, tmp_path):
         assert not torch.equal(ema["head.weight"], sd["head.weight"])
 
 
-def test_zero2_bf16_fp32_reduce_and_accum_with_overlap_resumes_exactly(tiny_config, tmp_path):
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_fp32_reduce_and_accum_with_overlap_resumes_exactly(stage, tiny_config, tmp_path):
     """The GPU defaults on 2 CPU ranks: bf16 gradients reduced in fp32 and accumulated in fp32 over 2
-    micro batches, with overlap_comm forced on (auto turns it on on GPU only); stop, resume, same losses."""
+    micro batches (ZeRO-1: DeepSpeed's BF16_Optimizer, ZeRO-2: its fp32 gradient partitions), with
+    overlap_comm forced on (auto turns it on on GPU only); stop, resume, same losses; export loads."""
+    from pvt_dist.models import build_model, load_pretrained
+
     run = tmp_path / "run"
-    over = ("deepspeed.zero_stage=2", "deepspeed.grad_accum=2", "deepspeed.overlap_comm=true",
+    over = (f"deepspeed.zero_stage={stage}", "deepspeed.grad_accum=2", "deepspeed.overlap_comm=true",
             "deepspeed.reduce_bucket_size=200000", "schedule.total_steps=8",
             "checkpoint.every_steps=4")  # fmt: skip
     torchrun(tiny_config, f"run_dir={run}", *over)
@@ -145,6 +149,10 @@ def test_zero2_bf16_fp32_reduce_and_accum_with_overlap_resumes_exactly(tiny_conf
     torchrun(tiny_config, f"run_dir={resumed}", *over)
     again = step_losses(resumed)
     assert [again[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
+    out = tmp_path / "weights.pth"
+    export_weights(run, out)
+    missing, unexpected = load_pretrained(build_model("pvt_v2_b0", num_classes=10, img_size=32), out)
+    assert not missing and not unexpected
 
 
 def test_zero2_cpu_offload_with_repeated_augmentation(tiny_config, tmp_path):
