@@ -28,6 +28,7 @@ from fault_helpers import (
     rank_pids,
     run,
     steps_logged,
+    tail,
     train_main,
     wait_until,
 )
@@ -220,3 +221,46 @@ def test_nan_loss_fp32_stops_and_last_good_checkpoint_loads(fault_config, tmp_pa
     sd = export_and_load(run_dir, tmp_path / "good.pth")
     assert all(torch.isfinite(v).all() for v in sd.values())
     print(f"\n[faults] NaN (fp32, lr 1e30): stopped at step {bad_step}, exit 3, latest = {tag}")
+
+
+# ------------------------------------------------------------------------------------ one job per run_dir
+
+
+def test_second_launch_on_a_live_run_dir_is_refused(fault_config, tmp_path):
+    """torchrun, 2 ranks, trains 40 steps. Meanwhile the same command is started again on the same
+    run_dir, as one process and through torchrun (2 ranks) at once. Both are refused (exit 2 / a failed
+    launch) naming the holder, within seconds; the first run finishes all its steps, each logged once, with
+    its own checkpoints, and releases the lease."""
+    run_dir = tmp_path / "run"
+    steps = 40
+    first = launch(
+        "torchrun",
+        fault_config,
+        f"run_dir={run_dir}",
+        f"schedule.total_steps={steps}",
+        log=tmp_path / "a.log",
+    )
+    wait_until(lambda: 1 in steps_logged(run_dir), first, 300, "step 1")
+    holder = rank_pids(first.pid)[0]
+    t0 = time.monotonic()
+    single = launch("single", fault_config, f"run_dir={run_dir}", log=tmp_path / "single.log")
+    second = launch("torchrun", fault_config, f"run_dir={run_dir}", log=tmp_path / "torchrun.log")
+    rc = finish(single, 120)
+    single_s = time.monotonic() - t0
+    rc2 = finish(second, 120)
+    torchrun_s = time.monotonic() - t0
+    out, out2 = single.log_path.read_text(), second.log_path.read_text()
+    named = f"is in use by another job (host {os.uname().nodename}, pid {holder}, no Slurm job, started "
+    assert rc == 2 and named in out, out[-4000:]
+    assert rc2 != 0 and named in out2, out2[-4000:]
+    assert first.poll() is None, "the first run ended before the second launches were refused"
+    assert max(steps_logged(run_dir)) < steps
+    assert finish(first, 300) == 0, tail(first)
+    assert sorted(steps_logged(run_dir)) == list(range(1, steps + 1))
+    assert latest(run_dir) == f"step_{steps:08d}"
+    assert not (run_dir / ".lease").exists(), "the finished run left its lease behind"
+    print(
+        f"\n[faults] second launch on a live run_dir: 1 process refused (exit 2) after {single_s:.1f} s, "
+        f"torchrun x2 refused (exit {rc2}) after {torchrun_s:.1f} s, both started together (process start, "
+        "imports and config check included)"
+    )

@@ -51,6 +51,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from pvt_dist.cluster.lease import slurm_job_id
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -68,14 +70,6 @@ def requeue_requested() -> bool:
 def running_under_submitit() -> bool:
     """True inside a job started by submitit's Slurm executor (its sbatch script exports this)."""
     return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
-
-
-def slurm_job_id() -> str | None:
-    """The id ``scontrol requeue`` expects: ``ARRAYID_TASKID`` for array jobs, else ``SLURM_JOB_ID``."""
-    array_id, task_id = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_id and task_id:
-        return f"{array_id}_{task_id}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 def _submitit_signal() -> signal.Signals:

@@ -11,11 +11,14 @@ from pvt_dist.config.train import (
     DistConfig,
     EMAConfig,
     EvalConfig,
+    LeaseConfig,
     LoggingConfig,
     ModelConfig,
     OptimConfig,
+    PreemptionConfig,
     ScheduleConfig,
     TrainConfig,
+    check_cluster_sections,
     load_config,
     peak_lr,
     resolve_batch,
@@ -24,6 +27,7 @@ from pvt_dist.config.train import (
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DeepSpeedOptions", "DistConfig", "EMAConfig", "EvalConfig",
-    "LoggingConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig", "coerce", "config_hash",
+    "LeaseConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "PreemptionConfig", "ScheduleConfig",
+    "TrainConfig", "check_cluster_sections", "coerce", "config_hash",
     "dump_config", "load_config", "load_dataclass", "peak_lr", "resolve_batch", "resolve_config", "to_dict",
 ]  # fmt: skip
