@@ -134,7 +134,7 @@ def _train(stage: Stage, cfg, env, t_launch: float) -> int:
 
     setup_logging(env.rank, cfg.logging.deepspeed_log_level)
     env, device = init_distributed(cfg.dist, env)
-    handler = PreemptionHandler()
+    handler = PreemptionHandler(check_every_s=cfg.preemption.check_every_s)
     trainer = stage.trainer(cfg, env, device, preemption=handler)
     try:
         result = trainer.train()

@@ -164,7 +164,7 @@ class Trainer:
         from pvt_dist.models import build_model, load_pretrained
 
         self._setup_run(cfg, env, device, preemption)
-        resume_tag = self.ckpt.latest() if cfg.checkpoint.resume else None
+        resume_tag = self.ckpt.resume_tag() if cfg.checkpoint.resume else None
 
         ds = cfg.deepspeed
         self.train_loader = build_loader(
@@ -370,11 +370,12 @@ class Trainer:
         pending: list[tuple[int, torch.Tensor, float]] = []  # (step, all-reduced stats, lr) not yet read
         sync_every, stopped = self.sync_every, False
         while self.step < self.total_steps:
-            # Collective at the same step boundaries on every rank.
+            # Collective at the same step boundaries on every rank: the host syncs, and by time (check_due is
+            # derived from all-reduced values, hence the same on every rank).
             if (
                 self.preemption is not None
-                and self.step % sync_every == 0
-                and self.preemption.stop_requested()
+                and (self.step % sync_every == 0 or self.preemption.check_due(self.step))
+                and self.preemption.stop_requested(self.step)
             ):
                 if self.last_saved != self.step:
                     self.save()

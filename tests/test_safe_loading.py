@@ -1,0 +1,63 @@
+"""Safe loading of files a user can be handed: a checkpoint file that pickles code is refused before any of
+it runs, by torch.load(weights_only=True) where we load, and by a scan of its pickled globals before
+DeepSpeed's own full unpickling (export). The hostile files are made on the spot with torch.save."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from pvt_dist.engine.checkpoint import check_pickles, safe_load
+from pvt_dist.export import main as export_main
+
+
+class Payload:
+    """Unpickling this runs `open(marker, "w")`: what a hostile checkpoint would do with os.system."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def hostile_file(path, marker) -> None:
+    torch.save({"module": {"w": torch.ones(2)}, "extra": Payload(str(marker))}, path)
+
+
+def test_safe_load_refuses_a_pickled_callable(tmp_path):
+    marker = tmp_path / "pwned"
+    hostile_file(tmp_path / "rank_00000.pt", marker)
+    with pytest.raises(pickle.UnpicklingError, match="builtins.open"):
+        safe_load(str(tmp_path / "rank_00000.pt"))
+    assert not marker.exists()
+
+
+def test_safe_load_reads_a_rank_state_with_numpy_rng(tmp_path):
+    import numpy as np
+
+    state = {"rng": {"numpy": np.random.get_state(), "torch": torch.get_rng_state()}, "step": 3}
+    torch.save(state, tmp_path / "rank_00000.pt")
+    back = safe_load(str(tmp_path / "rank_00000.pt"))
+    assert back["step"] == 3 and np.array_equal(back["rng"]["numpy"][1], state["rng"]["numpy"][1])
+
+
+def test_export_refuses_a_hostile_checkpoint_before_unpickling(tmp_path, capsys):
+    run = tmp_path / "run"
+    tag = run / "checkpoints" / "step_00000002"
+    tag.mkdir(parents=True)
+    (tag / "trainer_state.json").write_text(json.dumps({"step": 2, "zero_stage": 1, "world_size": 1}))
+    (run / "checkpoints" / "latest").write_text("step_00000002")
+    marker = tmp_path / "pwned"
+    torch.save({"module": {}}, tag / "mp_rank_00_model_states.pt")
+    hostile_file(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
+    with pytest.raises(
+        ValueError, match=r"zero_pp_rank_0_mp_rank_00_optim_states\.pt pickles \['builtins\.open'\]"
+    ):
+        check_pickles(str(tag))
+    assert export_main([str(run), str(tmp_path / "w.pth")]) == 1
+    assert "refusing to unpickle" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "w.pth").exists()
