@@ -61,3 +61,66 @@ def test_export_refuses_a_hostile_checkpoint_before_unpickling(tmp_path, capsys)
     assert export_main([str(run), str(tmp_path / "w.pth")]) == 1
     assert "refusing to unpickle" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "w.pth").exists()
+
+
+# ----------------------------------------------------------------------- names read from files stay inside
+
+
+def test_example_archive_with_escaping_members_is_refused(tmp_path):
+    import io
+    import tarfile
+
+    from pvt_dist.detection.fetch_example_data import EXAMPLE_DIR, extract
+
+    for bad in (f"{EXAMPLE_DIR}JPEGImages/../../../../escaped.jpg", "/tmp/absolute-escape.jpg"):
+        sdist = tmp_path / "labelme.tar.gz"
+        with tarfile.open(sdist, "w:gz") as tar:
+            for name in (f"{EXAMPLE_DIR}annotations.json", bad):
+                info = tarfile.TarInfo(name)
+                info.size = 2
+                tar.addfile(info, io.BytesIO(b"{}"))
+        out = tmp_path / "out"
+        with pytest.raises(RuntimeError, match=f"refusing tar member {bad!r}"):
+            extract(sdist, out)
+        assert not (tmp_path / "escaped.jpg").exists() and not list(tmp_path.rglob("escaped.jpg"))
+
+
+def test_manifest_shard_outside_its_folder_is_refused(tmp_path):
+    from pvt_dist.data.index import resolve_shards
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    manifest = {
+        "splits": {"train": {"shards": [{"name": "../elsewhere/train-000000.tar", "num_samples": 4}]}}
+    }
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        ValueError, match=r"manifest\.json names shard '\.\./elsewhere/train-000000\.tar' outside"
+    ):
+        resolve_shards(str(shards), "data.train_shards", "train")
+
+
+def test_coco_file_name_outside_the_image_folder_is_refused(tmp_path):
+    from pvt_dist.detection.targets import validate_coco_dataset
+
+    for name in ("../secret.jpg", "/etc/hostname"):
+        dataset = {
+            "images": [{"id": 1, "file_name": name, "width": 10, "height": 10}],
+            "annotations": [],
+            "categories": [{"id": 1, "name": "a"}],
+        }
+        with pytest.raises(ValueError, match=f"image id 1: file_name {name!r} leaves the image folder"):
+            validate_coco_dataset(dataset, "ann.json", image_root=tmp_path)
+
+
+def test_s3_url_is_one_shell_argument(tmp_path):
+    """webdataset runs `pipe:` commands through the shell: a hostile shard name must not run a command."""
+    import subprocess
+
+    from pvt_dist.data.index import stream_url
+
+    marker = tmp_path / "pwned"
+    cmd = stream_url(f"s3://bucket/train-0.tar; touch {marker}; echo ")
+    assert cmd.startswith("pipe:aws s3 cp --quiet '")
+    subprocess.run(cmd[len("pipe:") :], shell=True, capture_output=True, check=False)
+    assert not marker.exists()

@@ -24,6 +24,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from pvt_dist.cluster import distributed as pdist
 from pvt_dist.cluster.distributed import DistEnv
 from pvt_dist.config import TrainConfig, config_hash, dump_config, peak_lr, to_dict
+from pvt_dist.data.stream import RETRIES as STREAM_RETRIES
 from pvt_dist.engine.checkpoint import CheckpointManager, check_writable
 from pvt_dist.engine.cpu_bf16 import fp32_gemm, use_fp32_gemm
 from pvt_dist.engine.ds_config import build_deepspeed_config
@@ -438,6 +439,7 @@ class Trainer:
             "perf/data_wait_s": w["wait"] / n_steps,
             "perf/memory_mb": memory_mb(self.device),
             "train/epoch": self.step / self.steps_per_epoch,
+            "data/stream_retries": float(STREAM_RETRIES["count"]),  # streamed shards reopened so far
         }
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -448,7 +450,8 @@ class Trainer:
             values["train/loss_scale"] = float(scale) if scale is not None else None
             values["train/skipped_steps"] = float(self.engine.skipped_steps)
         self.logger.scalars(self.step, values, "train")
-        shown = {k: v for k, v in values.items() if k not in ("train/epoch", "perf/memory_mb")}
+        hidden = ("train/epoch", "perf/memory_mb", "data/stream_retries")
+        shown = {k: v for k, v in values.items() if k not in hidden}
         self.logger.console(self.step, self.step / self.steps_per_epoch, shown)
 
     def close(self) -> None:
