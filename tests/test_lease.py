@@ -116,14 +116,24 @@ def test_stale_heartbeat_is_taken_over_and_the_old_holder_learns_it(tmp_path, pr
     lease.release()
 
 
+def fake_scontrol(tmp_path, monkeypatch, state: str | None) -> None:
+    """`scontrol show job` answering JobState=STATE (None: "Invalid job id", as for a purged job)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    body = f"echo 'JobId=$4 JobState={state} Reason=None'" if state else "echo 'Invalid job id' >&2; exit 1"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\n{body}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
 def test_holder_on_another_node_is_judged_by_its_heartbeat(tmp_path):
-    """The lease file as a job on node `gpu17` writes it on the shared filesystem."""
+    """The lease file as a torchrun job on node `gpu17` writes it on the shared filesystem."""
     other = {
-        "host": "gpu17", "pid": 1, "job_id": "901", "restart_count": 0, "started": time.time() - 600,
+        "host": "gpu17", "pid": 1, "job_id": None, "restart_count": 0, "started": time.time() - 600,
         "heartbeat": time.time() - 5, "heartbeat_s": 30.0, "stale_after": 10.0, "token": "a" * 32,
     }  # fmt: skip
     (tmp_path / LEASE_FILE).write_text(json.dumps(other))
-    with pytest.raises(LeaseHeldError, match="host gpu17, pid 1, Slurm job 901 \\(restart 0\\)"):
+    with pytest.raises(LeaseHeldError, match="host gpu17, pid 1, no Slurm job"):
         RunDirLease(str(tmp_path)).acquire()  # pid 1 exists here too, but on another host it says nothing
     other["heartbeat"] = time.time() - 301
     (tmp_path / LEASE_FILE).write_text(json.dumps(other))
@@ -135,6 +145,7 @@ def test_holder_on_another_node_is_judged_by_its_heartbeat(tmp_path):
 def test_requeued_slurm_job_takes_over_its_own_hold(tmp_path, procs, monkeypatch):
     """The previous run of job 4242 still heartbeats (e.g. within KillWait); restart 1 of the same job takes
     the lease, another launch inside the same run (restart 0) and another job are refused."""
+    fake_scontrol(tmp_path, monkeypatch, "RUNNING")
     procs.append(holder := hold(tmp_path, SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="0"))
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
@@ -147,6 +158,20 @@ def test_requeued_slurm_job_takes_over_its_own_hold(tmp_path, procs, monkeypatch
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     lease = RunDirLease(str(tmp_path)).acquire()
     assert lease.took_over.pid == holder.pid and record(tmp_path)["restart_count"] == 1
+    lease.release()
+
+
+@pytest.mark.parametrize("state", ["FAILED", "CANCELLED", None])
+def test_lease_of_an_ended_slurm_job_on_another_node_is_taken_over(tmp_path, monkeypatch, state):
+    """A job whose rank 0 was SIGKILLed on node gpu17 left a fresh-looking lease; Slurm says it ended."""
+    fake_scontrol(tmp_path, monkeypatch, state)
+    other = {
+        "host": "gpu17", "pid": 1, "job_id": "901", "restart_count": 0, "started": time.time() - 600,
+        "heartbeat": time.time() - 5, "heartbeat_s": 30.0, "stale_after": 10.0, "token": "a" * 32,
+    }  # fmt: skip
+    (tmp_path / LEASE_FILE).write_text(json.dumps(other))
+    lease = RunDirLease(str(tmp_path)).acquire()
+    assert lease.took_over.job_id == "901"
     lease.release()
 
 

@@ -14,7 +14,8 @@ its holder is judged:
   heartbeat is older than ``stale_after`` x its own interval (a holder on another node that died or lost
   the filesystem; clocks of the nodes must agree to well under that, as NTP gives); or it is the same
   Slurm job with a lower ``SLURM_RESTART_COUNT`` (a requeued job takes over its own hold: Slurm has ended the
-  previous incarnation's processes before the restart begins).
+  previous incarnation's processes before the restart begins); or it is another Slurm job that
+  ``scontrol show job`` reports ended (or no longer knows), e.g. a job whose rank 0 was SIGKILLed.
 - **alive**: the launch is refused, :class:`LeaseHeldError` names the holder; the entry point exits 2.
 
 A takeover happens under a second link-created lock (``.lease.takeover``): the taker re-reads the lease,
@@ -32,6 +33,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -138,6 +140,25 @@ def _flock_held_elsewhere(path: str) -> bool:
     return False
 
 
+LIVE_JOB_STATES = ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING")
+
+
+def _slurm_job_state(job_id: str) -> str | None:
+    """JobState of ``job_id`` from ``scontrol``; ``ENDED`` once Slurm forgot it; None if Slurm can't tell."""
+    try:
+        proc = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None  # no Slurm here (another cluster's lease on a shared filesystem): the heartbeat decides
+    if proc.returncode != 0:
+        return "ENDED" if "Invalid job id" in proc.stderr else None
+    for field in proc.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return None
+
+
 def why_stale(holder: Holder, path: str, now: float | None = None) -> str | None:
     """The reason ``holder`` is dead (its lease may be taken over), or None if it must be taken as alive."""
     now = time.time() if now is None else now
@@ -146,6 +167,10 @@ def why_stale(holder: Holder, path: str, now: float | None = None) -> str | None
         return f"Slurm requeued job {job_id}: restart {restarts} takes over from {holder.restart_count}"
     if holder.host == socket.gethostname() and not _pid_alive(holder.pid) and not _flock_held_elsewhere(path):
         return f"pid {holder.pid} on {holder.host} is gone"
+    if holder.job_id is not None and holder.job_id != job_id:
+        state = _slurm_job_state(holder.job_id)
+        if state is not None and state not in LIVE_JOB_STATES:
+            return f"its Slurm job {holder.job_id} is {state}"
     age = now - holder.heartbeat
     if age > holder.stale_after * holder.heartbeat_s:
         return f"its heartbeat is {age:.0f} s old (> {holder.stale_after:g} x {holder.heartbeat_s:g} s)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -294,6 +295,18 @@ class DetectionLoader:
         if not self.train:
             self._pipe = None  # next evaluation starts again at the beginning of the shard
 
+    def _check_size(self, image_id: int, decoded_hw: list[int]) -> None:
+        """The JSON's width/height must be the decoded image's (EXIF orientation applied): DALI's COCO
+        reader makes the boxes relative with the JSON's size, so a mismatch would silently distort them."""
+        img = self.annotations.images[image_id]
+        if [img["height"], img["width"]] != decoded_hw:
+            path = Path(self.image_root) / img["file_name"]
+            raise ValueError(
+                f"{self.annotations.ann_file}: image id {image_id} ({path}): the JSON says "
+                f"{img['width']}x{img['height']} (w x h), the decoded image is "
+                f"{decoded_hw[1]}x{decoded_hw[0]} (EXIF orientation applied); fix width/height in the JSON"
+            )
+
     def _convert(self, outs):
         images, size_hw, orig_hw, boxes, cats, image_ids = outs
         images = _to_torch(images, self.device)  # [B, 3, Hp, Wp]
@@ -313,9 +326,11 @@ class DetectionLoader:
                     "boxes": box_xyxy_to_cxcywh(ltrb.clamp(0.0, 1.0)).to(self.device),
                 }
             )
+            image_id = int(np.array(image_ids[b]).reshape(-1)[0])
+            self._check_size(image_id, origs[b].tolist())
             infos.append(
                 {
-                    "image_id": int(np.array(image_ids[b]).reshape(-1)[0]),
+                    "image_id": image_id,
                     "orig_size": origs[b].tolist(),
                     "size": sizes[b].tolist(),
                 }
