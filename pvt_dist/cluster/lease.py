@@ -285,7 +285,7 @@ class RunDirLease:
         while not self._stop.wait(self.holder.heartbeat_s):
             try:
                 self.heartbeat()
-            except OSError as e:  # e.g. an NFS hiccup: the next beat tries again
+            except (OSError, RuntimeError) as e:  # an NFS hiccup, a torn read: the next beat tries again
                 log.warning("run_dir lease %s: heartbeat failed: %s", self.path, e)
 
     def heartbeat(self) -> None:
