@@ -245,13 +245,14 @@ def test_nan_loss_fp32_stops_and_last_good_checkpoint_loads(fault_config, tmp_pa
 
 
 def test_nonfinite_weights_are_never_checkpointed(fault_config, tmp_path):
-    """fp32, lr 1e39: step 2's AdamW update overflows the weights to inf while step 2's loss (computed
-    before the update) is finite, so the loss check passes and the weights guard before step 2's save is
-    what stops the run: exit 3, `latest` = step 1, no step-2 checkpoint, nothing logged after step 2."""
+    """fp32, weight decay 1e42 with a warmup from lr 0: step 1 leaves the weights as they were, step 2's
+    decoupled decay (w *= 1 - lr * wd) overflows them to inf while step 2's loss (computed before the
+    update) is finite. So the loss check passes and the weights guard before step 2's save is what stops
+    the run: exit 3, `latest` = step 1, no step-2 checkpoint, nothing logged after step 2."""
     run_dir = tmp_path / "run"
     rc, out = run(
-        "single", fault_config, f"run_dir={run_dir}", "optim.lr=1e39", "checkpoint.every_steps=1",
-        log=tmp_path / "inf.log",
+        "single", fault_config, f"run_dir={run_dir}", "optim.weight_decay=1e42", "schedule.warmup_lr=0",
+        "checkpoint.every_steps=1", log=tmp_path / "inf.log",
     )  # fmt: skip
     assert rc == 3, out[-4000:]
     msg = (
@@ -264,7 +265,9 @@ def test_nonfinite_weights_are_never_checkpointed(fault_config, tmp_path):
     assert max(steps_logged(run_dir)) == 2
     sd = export_and_load(run_dir, tmp_path / "good.pth")
     assert all(torch.isfinite(v).all() for v in sd.values())
-    print("\n[faults] inf weights (fp32, lr 1e39): the weights guard stopped the step-2 save, exit 3")
+    print(
+        "\n[faults] inf weights (fp32, weight decay 1e42): the weights guard stopped the step-2 save, exit 3"
+    )
 
 
 # ------------------------------------------------------------------------------------ one job per run_dir
