@@ -141,7 +141,8 @@ class LoggingConfig:
     sync_every: int | None = None
     """Steps between host reads of the all-reduced losses and the preemption flag (the loop's only
     device-to-host syncs; also at every log, eval and checkpoint step). A GPU then queues steps ahead and a
-    NaN loss or a stop signal is acted on up to N steps later; per-step losses are still all recorded.
+    NaN loss is acted on up to N steps later (a stop signal within ``preemption.check_every_s``); per-step
+    losses are still all recorded.
     None: 1 on CPU (execution is synchronous there anyway), log_every on GPU."""
     tensorboard: bool = True
     """Write TensorBoard events to ``RUN_DIR/tensorboard`` (rank 0 only)."""
