@@ -9,10 +9,9 @@ import argparse
 
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
 
 from pvt_dist.detection.draw import draw_detections
-from pvt_dist.detection.export import load_detector
+from pvt_dist.detection.export import load_detector, load_image
 from pvt_dist.detection.postprocess import PostProcess
 
 
@@ -24,7 +23,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--threshold", type=float, default=0.5, help="minimum score of a drawn detection")
     args = ap.parse_args(argv)
     model, meta = load_detector(args.weights)
-    image = Image.open(args.image).convert("RGB")
+    # Upright as DALI decodes it in training and evaluation (EXIF orientation applied, see load_image).
+    image = load_image(args.image)
     d = meta["data"]
     w, h = image.size
     # Evaluation-time resize: short side val_size (scaled), long side capped at max_size (scaled).

@@ -5,7 +5,8 @@ single process; ``pvt_dist.cluster.distributed.detect_env`` finds the ranks. Thi
 at the top, so a bad config or argument is reported before torch, DeepSpeed or DALI load.
 
 Exit codes: 0 done (or stopped for preemption with its checkpoint saved), 2 bad configuration or run
-directory, 3 non-finite loss (the last good checkpoint is kept).
+directory (including one held by another live job: ``RUN_DIR/.lease``), 3 non-finite loss (the last good
+checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def run_stage(
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
-    from pvt_dist.cluster.distributed import cleanup, detect_env, init_distributed
+    from pvt_dist.cluster.distributed import detect_env
     from pvt_dist.config import ConfigError
 
     overrides = list(args.overrides)
@@ -91,20 +92,49 @@ def run_stage(
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
-    from pvt_dist.cluster.preemption import PreemptionHandler
-    from pvt_dist.engine import NonFiniteLossError
-    from pvt_dist.engine.logger import setup_logging
     from pvt_dist.engine.trainer import prepare_run_dir
 
     try:  # before any process group starts: a bad run_dir costs nothing
         prepare_run_dir(os.path.abspath(cfg.run_dir), env.rank)
+        lease = acquire_lease(cfg, env.rank)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    try:
+        return _train(stage, cfg, env, t_launch)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def acquire_lease(cfg, rank: int):
+    """Global rank 0 takes the run directory's lease (pvt_dist/cluster/lease.py); returns it, or None.
+
+    Only rank 0 checks: the other ranks cannot learn its verdict without a process group, and need not.
+    When rank 0 is refused it exits 2 before ``init_distributed``; every other rank then blocks in the
+    rendezvous, which cannot complete without rank 0, and writes nothing but its start-up write probe. The
+    launcher ends them (torchrun and the deepspeed launcher stop all ranks when one fails, ``srun
+    --kill-on-bad-exit`` in slurm/srun_train.sh ends the step), or, under a bare launch, the rendezvous
+    gives up after ``dist.timeout_s``. All later writes to the run directory follow collectives that need
+    rank 0, so a refused launch can never touch the live run's files.
+    """
+    if rank != 0:
+        return None
+    from pvt_dist.cluster.lease import RunDirLease
+
+    lease = RunDirLease(os.path.abspath(cfg.run_dir), cfg.lease.heartbeat_s, cfg.lease.stale_after)
+    return lease.acquire()
+
+
+def _train(stage: Stage, cfg, env, t_launch: float) -> int:
+    from pvt_dist.cluster.distributed import cleanup, init_distributed
+    from pvt_dist.cluster.preemption import PreemptionHandler
+    from pvt_dist.engine import NonFiniteLossError
+    from pvt_dist.engine.logger import setup_logging
 
     setup_logging(env.rank, cfg.logging.deepspeed_log_level)
     env, device = init_distributed(cfg.dist, env)
-    handler = PreemptionHandler()
+    handler = PreemptionHandler(check_every_s=cfg.preemption.check_every_s)
     trainer = stage.trainer(cfg, env, device, preemption=handler)
     try:
         result = trainer.train()

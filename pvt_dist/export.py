@@ -4,6 +4,9 @@
 
 The output is a plain ``{name: fp32 tensor}`` dict, the format of the authors' released weights, so
 ``load_pretrained(build_model(...), OUT.pth)`` and the detection stage (``model.pretrained``) read it.
+Every file is loaded with ``torch.load(weights_only=True)`` (the few DeepSpeed and numpy types a checkpoint
+holds allowed), except by zero_to_fp32, which unpickles in full: before it runs, every ``.pt`` file of the
+checkpoint is scanned for pickled globals and one outside that list is refused (``check_pickles``).
 ZeRO 1-3 are merged from the fp32 master partitions of every rank (DeepSpeed's zero_to_fp32); ZeRO 0
 keeps whole fp32 masters in its bf16/fp16 optimizer (named here), under fp32 the module weights.
 The run's ``config.yaml`` is read for the model (only its ``model`` and ``optim`` sections, so runs
@@ -82,7 +85,7 @@ def consolidate(
     run_dir: str, tag: str | None = None, ema: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Return (fp32 state dict, trainer_state of the checkpoint)."""
-    from pvt_dist.engine.checkpoint import read_latest, read_trainer_state
+    from pvt_dist.engine.checkpoint import check_pickles, read_latest, read_trainer_state, safe_load
 
     ckpt = _checkpoint_dir(run_dir)
     tag = tag or read_latest(ckpt)
@@ -92,15 +95,16 @@ def consolidate(
     if not os.path.isdir(tag_dir):
         raise FileNotFoundError(f"{tag_dir}: no such checkpoint")
     meta = read_trainer_state(ckpt, tag)
+    check_pickles(tag_dir)  # zero_to_fp32 below unpickles DeepSpeed's files in full
     if ema:
-        states = torch.load(_module_states_file(tag_dir), map_location="cpu", weights_only=False)
+        states = safe_load(_module_states_file(tag_dir))
         sd = states.get("ema")
         if sd is None:
             raise ValueError(f"{tag_dir}: this run kept no EMA weights (ema.enabled was false)")
         return {k: v.float().contiguous() for k, v in sd.items()}, meta
 
     if meta.get("zero_stage") == 0:
-        states = torch.load(_module_states_file(tag_dir), map_location="cpu", weights_only=False)
+        states = safe_load(_module_states_file(tag_dir))
         return _stage0_state_dict(run_dir, states), meta
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

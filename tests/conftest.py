@@ -118,7 +118,10 @@ def fmnist_shards() -> Path:
     name = f"fmnist-{FMNIST_TRAIN}-{FMNIST_VAL}-v1"
     # Shards built elsewhere and carried here (the GPU machine, bench/gpu_prepare.py) need no source data.
     if not os.path.isdir(FMNIST_DIR) and not (TEST_DATA / name / "manifest.json").is_file():
-        pytest.skip(f"{FMNIST_DIR} missing: apt-get install dataset-fashion-mnist")
+        msg = f"{FMNIST_DIR} missing: apt-get install dataset-fashion-mnist"
+        if os.environ.get("CI", "").lower() == "true":  # CI must not pass by skipping most of the suite
+            pytest.fail(msg)
+        pytest.skip(msg)
     build = lambda out: make_fashion_mnist_shards(
         out,
         limit_train=FMNIST_TRAIN,

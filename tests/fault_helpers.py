@@ -28,8 +28,12 @@ def train_main():
     return module.main
 
 
-def launch(launcher: str, config: Path, *overrides: str, log: Path, nproc: int = 2) -> subprocess.Popen:
-    """Start a training run in its own session (so a failed test can end all of it), output to `log`."""
+def launch(
+    launcher: str, config: Path, *overrides: str, log: Path, nproc: int = 2, env: dict | None = None
+) -> subprocess.Popen:
+    """Start a training run in its own session (so a failed test can end all of it), output to `log`.
+
+    ``env`` adds variables to the ranks' environment (e.g. the checkpoint pause hook of the tests)."""
     port = f"--master_port={free_port()}"
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", port, str(TRAIN)]
@@ -40,7 +44,12 @@ def launch(launcher: str, config: Path, *overrides: str, log: Path, nproc: int =
     cmd += ["--config", str(config), *overrides]
     out = open(log, "w")  # noqa: SIM115 - closed by finish()
     proc = subprocess.Popen(
-        cmd, stdout=out, stderr=subprocess.STDOUT, env=rank_env(), cwd=ROOT, start_new_session=True
+        cmd,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**rank_env(), **(env or {})},
+        cwd=ROOT,
+        start_new_session=True,
     )
     proc.log_file, proc.log_path = out, log
     return proc

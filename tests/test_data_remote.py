@@ -94,3 +94,83 @@ def test_s3_urls_stream_through_aws_cli(fmnist_shards, tmp_path, monkeypatch):
         assert ka == kb and torch.equal(ya, yb) and torch.equal(xa, xb)
     train = build_loader(c, "train", 1, 2, seed=0, micro_batch=64, return_keys=True)
     assert train.num_samples == 2048 and len(list(train)) == 16
+
+
+class FlakyHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder, but the first `plan` requests for .tar files fail: "drop" closes the connection
+    without a reply, "cut" sends the headers and 40% of the bytes, then closes."""
+
+    plan: list[str] = []
+    requests: list[str] = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        if self.path.endswith(".tar"):
+            self.requests.append(self.path)
+            action = self.plan.pop(0) if self.plan else "serve"
+            if action == "drop":
+                self.close_connection = True
+                return
+            if action == "cut":
+                data = open(self.translate_path(self.path), "rb").read()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) * 2 // 5])
+                self.close_connection = True
+                return
+        super().do_GET()
+
+
+@pytest.fixture
+def flaky_http(fmnist_shards):
+    handler = functools.partial(FlakyHandler, directory=str(fmnist_shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FlakyHandler.requests.clear()
+    yield f"http://127.0.0.1:{server.server_address[1]}", FlakyHandler
+    FlakyHandler.plan.clear()
+    server.shutdown()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset opens http:// URLs with curl")
+def test_http_shard_survives_cut_and_dropped_connections(fmnist_shards, flaky_http, caplog):
+    """A read cut after 40% of the shard, then a dropped connection: two retries, each logged and counted,
+    and the batches are exactly the local reader's (the retry resumes after the samples delivered)."""
+    from pvt_dist.data.stream import RETRIES
+
+    base, handler = flaky_http
+    handler.plan[:] = ["cut", "drop"]
+    before = RETRIES["count"]
+    remote = build_loader(cfg("", f"{base}/val-000000.tar"), "val", 0, 1, micro_batch=128, return_keys=True)
+    local = build_loader(cfg("", str(fmnist_shards)), "val", 0, 1, micro_batch=128, return_keys=True)
+    with caplog.at_level("WARNING", "pvt_dist.data.stream"):
+        batches = list(remote)
+    assert len(batches) == 4
+    for (xa, ya, ka), (xb, yb, kb) in itertools.zip_longest(batches, local):
+        assert ka == kb and torch.equal(ya, yb) and torch.equal(xa, xb)
+    assert RETRIES["count"] - before == 2
+    assert len(handler.requests) == 3
+    assert "retry 1/5" in caplog.text and "retry 2/5" in caplog.text and "val-000000.tar" in caplog.text
+    print(f"\n[data] http shard: survived {RETRIES['count'] - before} failed reads (cut at 40%, dropped)")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset opens http:// URLs with curl")
+def test_http_shard_that_never_recovers_fails_naming_it(flaky_http):
+    """Every connection dropped: 2 retries (1 s + 2 s of backoff), then an error naming the shard."""
+    import time
+
+    base, handler = flaky_http
+    handler.plan[:] = ["drop"] * 100
+    c = cfg("", f"{base}/val-000000.tar", stream_retries=2, stream_retry_max_s=60.0, val_samples=512)
+    loader = build_loader(c, "val", 0, 1, micro_batch=128)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match=r"val-000000\.tar") as e:
+        list(loader)
+    took = time.monotonic() - t0
+    assert "gave up after 2 retries" in str(e.value), str(e.value)[-2000:]
+    assert len(handler.requests) == 3 and took < 30
+    print(f"\n[data] http shard never recovering: failed after 3 attempts in {took:.1f} s")

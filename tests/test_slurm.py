@@ -354,8 +354,12 @@ def test_dead_rank_fails_job_promptly_and_restart_resumes(sbatch_run, fmnist_sha
     os.kill(pid, signal.SIGKILL)
     t0 = time.time()
     state, code = wait_final(job, 120, log)
-    print(f"job ended {time.time() - t0:.1f} s after rank 1 was SIGKILLed: {state} {code}")
+    ended_s = time.time() - t0
+    print(f"job ended {ended_s:.1f} s after rank 1 was SIGKILLed: {state} {code}")
     assert state == "FAILED" and code != "0:0", log.read_text()
+    # Promptly: srun --kill-on-bad-exit ends the step at once (measured ~1 s); without it, rank 0 would wait
+    # for its collective until dist.timeout_s (60 s here).
+    assert ended_s < 30, f"the job took {ended_s:.0f} s to fail after a rank died"
     killed_at = metrics_step(run_dir)
     assert killed_at < STEPS, "the job must not have finished"
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
@@ -415,3 +419,39 @@ def test_sbatch_finetune_detr_preempted_resumes(cluster, tmp_path):
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:08d}'}" in second
     assert_finished_run(run_dir, steps)
     assert (run_dir / "detector.pth").is_file()
+
+
+@pytest.mark.slurm
+def test_scancel_without_signal_saves_and_resubmission_resumes(cluster, fmnist_shards, tmp_path):
+    """`scancel JOB` with no --signal: Slurm sends SIGTERM to the tasks and the batch shell, then SIGKILL
+    after KillWait (10 s on the local cluster, 30 s by default). The tasks agree on the stop within
+    preemption.check_every_s, save and exit before KillWait; the requeue is refused (the job is cancelled)
+    and logged; resubmitting the same run resumes from the stop checkpoint and finishes exactly."""
+    import re
+
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "tiny.yaml", fmnist_shards, run_dir)
+    log = tmp_path / "job.out"
+    job = sbatch(config, log)
+    wait_step(run_dir, 6, job, 400, log)
+    t0 = time.time()
+    subprocess.run(["scancel", job], check=True)
+    state, _ = wait_final(job, 120, log)
+    ended_s = time.time() - t0
+    text = log.read_text()
+    assert state == "CANCELLED", text[-3000:]
+    m = re.search(r"stopped for preemption at step (\d+)", text)
+    assert m, f"the cancelled job did not save:\n{text[-4000:]}"
+    stopped = int(m.group(1))
+    tag = f"step_{stopped:08d}"
+    assert (run_dir / "checkpoints" / "latest").read_text() == tag
+    assert (run_dir / "checkpoints" / tag / "trainer_state.json").is_file()
+    assert "scontrol requeue" in text and "resubmit to resume from the checkpoint" in text
+    assert not (run_dir / ".lease").exists(), "the cancelled run did not release its lease"
+    print(f"scancel (SIGTERM): stopped at step {stopped}, checkpoint saved, job ended {ended_s:.1f} s later")
+
+    log2 = tmp_path / "job2.out"
+    state, code = wait_final(sbatch(config, log2), 600, log2)
+    assert (state, code) == ("COMPLETED", "0:0"), log2.read_text()[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / tag} at step {stopped}" in log2.read_text()
+    assert_finished_run(run_dir)

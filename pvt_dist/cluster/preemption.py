@@ -4,7 +4,8 @@ The contract with the trainer (pvt_dist/engine/)::
 
     handler = PreemptionHandler()             # main thread, before the training loop
     for step in ...:
-        if handler.stop_requested():          # EVERY rank, at the same step boundaries (collective)
+        if (step % sync_every == 0 or handler.check_due(step)) and handler.stop_requested(step):
+            # EVERY rank, at the same step boundaries (collective); check_due: every check_every_s
             save_checkpoint(...)              # collective; `latest` updated atomically
             flush TensorBoard / logs
             handler.on_checkpoint_saved()     # may not return on rank 0 under submitit (see below)
@@ -21,6 +22,9 @@ How a stop flows under ``sbatch slurm/pretrain.sh``:
 2. The handler only sets a local flag: nothing else is safe at an arbitrary point of a training step.
 3. ``stop_requested()`` all-reduces the flag with MAX over the default process group, so every rank stops
    after the same optimizer step, even when the signal reached ranks in different steps or only one rank.
+   It runs at the loop's host syncs and, by time, at least every ``check_every_s`` seconds: the same
+   all-reduce carries the slowest rank's time since the previous agreement, so every rank derives the same
+   next step to agree at (``check_due``), without a clock that ranks would have to share.
 4. The trainer saves a checkpoint collectively and calls ``on_checkpoint_saved()``: a barrier (every rank
    has finished writing), then rank 0 runs ``scontrol requeue $SLURM_JOB_ID``. Slurm ends this run and starts
    the same job id again (``SLURM_RESTART_COUNT`` + 1, same log file); the trainer resumes from ``latest``
@@ -45,11 +49,14 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterable
 from types import FrameType
 
 import torch
 import torch.distributed as dist
+
+from pvt_dist.cluster.lease import slurm_job_id
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +75,6 @@ def requeue_requested() -> bool:
 def running_under_submitit() -> bool:
     """True inside a job started by submitit's Slurm executor (its sbatch script exports this)."""
     return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
-
-
-def slurm_job_id() -> str | None:
-    """The id ``scontrol requeue`` expects: ``ARRAYID_TASKID`` for array jobs, else ``SLURM_JOB_ID``."""
-    array_id, task_id = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_id and task_id:
-        return f"{array_id}_{task_id}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 def _submitit_signal() -> signal.Signals:
@@ -102,9 +101,11 @@ class PreemptionHandler:
     Args:
         signals: signals that request a stop. Under submitit its preemption signal (USR2 unless
             ``SUBMITIT_PREEMPT_SIGNAL`` says otherwise) is added.
+        check_every_s: the longest wall-clock time between two agreements (``preemption.check_every_s``),
+            used by :meth:`check_due`.
     """
 
-    def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS) -> None:
+    def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS, check_every_s: float = 5.0) -> None:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("PreemptionHandler must be created in the main thread (signal handlers)")
         self.submitit = running_under_submitit()
@@ -114,6 +115,9 @@ class PreemptionHandler:
         self.signals = tuple(sigs)
         self._received: signal.Signals | None = None
         self._stop = False
+        self.check_every_s = check_every_s
+        self._last_check: tuple[int, float] | None = None  # (step, time.monotonic()) of the last agreement
+        self._next_check = 0
         self._previous: dict[signal.Signals, Callable | int | None] = {}
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -133,28 +137,52 @@ class PreemptionHandler:
         if self._received is None:
             self._received = signal.SIGUSR1
 
-    def stop_requested(self) -> bool:
+    def check_due(self, step: int) -> bool:
+        """True at the steps where, by time, the ranks must agree on the stop flag (the same on every rank).
+
+        The next due step is derived at each agreement from the all-reduced (MAX) time the steps since the
+        previous one took, so every rank computes the same step: about ``check_every_s`` seconds of steps
+        later, at least the next step. No agreement yet: due now.
+        """
+        return step >= self._next_check
+
+    def stop_requested(self, step: int | None = None) -> bool:
         """Collective: True on every rank iff any rank has received a stop signal.
 
         Must be called by all ranks of the default process group at the same step boundaries; costs one
-        all-reduce of a 1-element tensor (on the current CUDA device under NCCL, on CPU under gloo). Once
-        True it stays True. Without an initialised process group it is the local flag.
+        all-reduce of a 2-element tensor (on the current CUDA device under NCCL, on CPU under gloo). Once
+        True it stays True. Without an initialised process group it is the local flag. With ``step``, the
+        same all-reduce carries the slowest rank's time since the previous agreement, from which
+        :meth:`check_due` schedules the next one.
         """
         if self._stop:
             return True
         flag = self._received is not None
+        now = time.monotonic()
+        elapsed = 0.0 if self._last_check is None else now - self._last_check[1]
         if _distributed():
             device = torch.device("cpu")
             if dist.get_backend() == "nccl":
                 device = torch.device("cuda", torch.cuda.current_device())
-            t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+            t = torch.tensor([float(flag), elapsed], dtype=torch.float64, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
+            flag, elapsed = bool(t[0].item()), float(t[1].item())
+        if step is not None:
+            self._schedule(step, elapsed)
+            self._last_check = (step, time.monotonic())
         if flag:
             self._stop = True
             how = self._received.name if self._received is not None else "another rank"
             logger.warning("rank %d: stop requested (%s); checkpointing at this step boundary", _rank(), how)
         return flag
+
+    def _schedule(self, step: int, elapsed: float) -> None:
+        # Identical on every rank: a function of the step and the all-reduced elapsed time only.
+        if self._last_check is None or step <= self._last_check[0] or elapsed <= 0:
+            self._next_check = step + 1
+            return
+        per_step = elapsed / (step - self._last_check[0])
+        self._next_check = step + max(1, int(self.check_every_s / per_step))
 
     def on_checkpoint_saved(self) -> None:
         """Call on every rank after the stop checkpoint is complete; requeues the job when under Slurm.

@@ -11,11 +11,14 @@ from pvt_dist.config.train import (
     DistConfig,
     EMAConfig,
     EvalConfig,
+    LeaseConfig,
     LoggingConfig,
     ModelConfig,
     OptimConfig,
+    PreemptionConfig,
     ScheduleConfig,
     TrainConfig,
+    check_cluster_sections,
     check_gpu_options,
     load_config,
     peak_lr,
@@ -24,8 +27,9 @@ from pvt_dist.config.train import (
 )
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DeepSpeedOptions", "DistConfig", "EMAConfig", "EvalConfig",
-    "LoggingConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig", "check_gpu_options",
-    "coerce", "config_hash", "dump_config", "load_config", "load_dataclass", "peak_lr", "resolve_batch",
-    "resolve_config", "to_dict",
+    "check_cluster_sections", "check_gpu_options", "CheckpointConfig", "coerce", "config_hash",
+    "ConfigError", "DeepSpeedOptions", "DistConfig", "dump_config", "EMAConfig", "EvalConfig",
+    "LeaseConfig", "load_config", "load_dataclass", "LoggingConfig", "ModelConfig", "OptimConfig",
+    "peak_lr", "PreemptionConfig", "resolve_batch", "resolve_config", "ScheduleConfig", "to_dict",
+    "TrainConfig",
 ]  # fmt: skip

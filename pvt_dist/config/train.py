@@ -163,7 +163,8 @@ class LoggingConfig:
     sync_every: int | None = None
     """Steps between host reads of the all-reduced losses and the preemption flag (the loop's only
     device-to-host syncs; also at every log, eval and checkpoint step). A GPU then queues steps ahead and a
-    NaN loss or a stop signal is acted on up to N steps later; per-step losses are still all recorded.
+    NaN loss is acted on up to N steps later (a stop signal within ``preemption.check_every_s``); per-step
+    losses are still all recorded.
     None: 1 on CPU (execution is synchronous there anyway), log_every on GPU."""
     tensorboard: bool = True
     """Write TensorBoard events to ``RUN_DIR/tensorboard`` (rank 0 only)."""
@@ -179,6 +180,25 @@ class DistConfig:
     """Collective timeout: a dead or hung peer fails the others after this many seconds."""
     master_port: int = 29500
     """Rendezvous port when the launcher does not set MASTER_PORT (srun); the job id is added."""
+
+
+@dataclass
+class PreemptionConfig:
+    check_every_s: float = 5.0
+    """Longest wall-clock time between two agreements of the ranks on a stop signal (preemption,
+    time limit, scancel), whatever ``logging.sync_every`` is: a signal is acted on within this many
+    seconds plus one step. The agreement rides on the loop's per-step all-reduce, so it costs no extra
+    collective."""
+
+
+@dataclass
+class LeaseConfig:
+    heartbeat_s: float = 30.0
+    """Seconds between heartbeats of the run directory's lease (``RUN_DIR/.lease``, one job per run
+    directory; pvt_dist/cluster/lease.py)."""
+    stale_after: float = 10.0
+    """A lease whose heartbeat is older than this many intervals belongs to a dead job and is taken over
+    (the default: 5 minutes). Node clocks must agree to well under heartbeat_s x stale_after."""
 
 
 @dataclass
@@ -198,6 +218,8 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
 
 
 def load_config(
@@ -295,6 +317,14 @@ def _merge_user_deepspeed_json(cfg: TrainConfig) -> None:
     if "gradient_clipping" in user:
         clip = float(user["gradient_clipping"])
         ds.grad_clip = clip if clip > 0 else None
+
+
+def check_cluster_sections(cfg) -> None:
+    """The ``preemption`` and ``lease`` sections, shared by both stages' configs."""
+    p, lease = cfg.preemption, cfg.lease
+    _check(p.check_every_s > 0, f"preemption.check_every_s: must be positive, got {p.check_every_s}")
+    _check(lease.heartbeat_s > 0, f"lease.heartbeat_s: must be positive, got {lease.heartbeat_s}")
+    _check(lease.stale_after >= 2, f"lease.stale_after: must be >= 2, got {lease.stale_after}")
 
 
 def _check_shards(data: DataConfig) -> None:
@@ -415,6 +445,7 @@ def resolve_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
         cfg.logging.sync_every is None or cfg.logging.sync_every > 0,
         f"logging.sync_every: must be positive or null, got {cfg.logging.sync_every}",
     )
+    check_cluster_sections(cfg)
     _check(cfg.dist.timeout_s > 0, f"dist.timeout_s: must be positive, got {cfg.dist.timeout_s}")
     import torch
 

@@ -87,6 +87,13 @@ class DataConfig:
     """Samples held by the training shuffle buffer; shards are already globally shuffled when written,
     so the buffer only has to break up the per-shard order."""
 
+    stream_retries: int = 5
+    """Remote shards (http(s)/s3/pipe:): reopen a shard whose read failed (dropped connection, reset,
+    failed command) up to this many times, resuming after the last sample it delivered; 0 fails at once."""
+
+    stream_retry_max_s: float = 120.0
+    """...and for at most this many seconds in all per shard (backoff 1, 2, 4, ... s, capped at 30 s)."""
+
     rand_augment: str | None = None
     """timm-style RandAugment spec, e.g. "rand-m9-mstd0.5-inc1" (DALI ignores mstd/inc); None disables it."""
 
@@ -144,6 +151,10 @@ class DataConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 bad(name, "must be a positive integer")
+        if not isinstance(self.stream_retries, int) or self.stream_retries < 0:
+            bad("stream_retries", "must be an integer >= 0")
+        if not self.stream_retry_max_s > 0:
+            bad("stream_retry_max_s", "must be positive")
         if not 0.0 < self.crop_pct <= 1.0:
             bad("crop_pct", "must be in (0, 1]")
         if self.interpolation not in ("bicubic", "bilinear", "nearest"):

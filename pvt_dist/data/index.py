@@ -9,11 +9,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 
 import braceexpand
 
 from pvt_dist.data.config import is_remote
+from pvt_dist.paths import stays_inside
 
 MANIFEST = "manifest.json"
 REQUIRED_EXTS = ("jpg", "cls")
@@ -36,6 +38,8 @@ class ShardSet:
     counts: list[int]  # samples per shard
     index_paths: list[str] = field(default_factory=list)  # local only: DALI .idx per shard
     remote: bool = False
+    retries: int = 0  # remote only: reopen attempts per shard (data.stream_retries)
+    retry_max_s: float = 0.0  # remote only: total retry time per shard (data.stream_retry_max_s)
 
     @property
     def num_samples(self) -> int:
@@ -157,7 +161,11 @@ def _expand_local(spec: str, fld: str, split: str) -> list[str]:
             manifest = read_manifest(mpath)
             if split not in manifest.get("splits", {}):
                 raise ValueError(f"{fld}: {mpath} has no split {split!r}")
-            paths += [os.path.join(part, s["name"]) for s in manifest["splits"][split]["shards"]]
+            names = [s["name"] for s in manifest["splits"][split]["shards"]]
+            for name in names:
+                if not stays_inside(name):
+                    raise ValueError(f"{fld}: {mpath} names shard {name!r} outside {part}")
+            paths += [os.path.join(part, name) for name in names]
         elif any(ch in part for ch in "*?["):
             found = sorted(glob.glob(part))
             if not found:
@@ -172,8 +180,11 @@ S3_COMMAND = "aws s3 cp --quiet {url} -"
 
 
 def stream_url(url: str) -> str:
-    """URL webdataset can open: s3:// has no built-in opener, so it becomes the usual `pipe:aws s3 cp`."""
-    return f"pipe:{S3_COMMAND.format(url=url)}" if url.startswith("s3://") else url
+    """URL webdataset can open: s3:// has no built-in opener, so it becomes the usual `pipe:aws s3 cp`.
+
+    The URL is shell-quoted: webdataset runs a ``pipe:`` command through the shell, and a shard name with
+    ``;``, ``$()`` or spaces must stay one argument, never a command."""
+    return f"pipe:{S3_COMMAND.format(url=shlex.quote(url))}" if url.startswith("s3://") else url
 
 
 def shard_label(url: str) -> str:

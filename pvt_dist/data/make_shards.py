@@ -45,6 +45,27 @@ class Reject(Exception):
     """An input image that cannot be used; recorded in rejects.jsonl, never fatal."""
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB as the image is meant to be seen.
+
+    PIL's ``convert("RGB")`` clips 16-bit gray (PNG mode ``I;16``/``I``) at 255, turning most of the image
+    white, and drops alpha, so transparent pixels show whatever color they store (often black). Here 16-bit
+    values are scaled to 8 bits, and images with alpha (RGBA, LA, palettes with transparency) are
+    composited onto white.
+    """
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        scale = 1 / 257 if im.mode != "I" or np.asarray(im).max() > 255 else 1.0
+        gray = np.clip(np.asarray(im, dtype=np.float64) * scale + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im).convert("RGB")
+    return im.convert("RGB")
+
+
 def prepare_image(data: bytes) -> tuple[bytes, str | None]:
     """Return JPEG bytes DALI and PIL both decode to RGB/gray, and a note when re-encoded.
 
@@ -62,7 +83,7 @@ def prepare_image(data: bytes) -> tuple[bytes, str | None]:
         raise Reject(f"empty image {im.width}x{im.height}")
     if fmt == "JPEG" and mode in ("RGB", "L") and not progressive:
         return data, None
-    rgb = im.convert("RGB")
+    rgb = to_rgb(im)
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=95)
     return out.getvalue(), f"re-encoded from {fmt} {mode}{' progressive' if progressive else ''}"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import random
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,10 +20,47 @@ import webdataset as wds
 
 from pvt_dist.data.index import REQUIRED_EXTS, ShardSet, shard_label
 
+log = logging.getLogger(__name__)
+
 
 def sample_name(url: str, key: str) -> str:
     """Name of a sample in batches and errors, e.g. "train-000003.tar:fmnist_train_01234"."""
     return f"{shard_label(url)}:{key}"
+
+
+# Retries of streamed shards in this process (the DALI external source and a 0-worker fallback run here);
+# the trainer logs it to TensorBoard as data/stream_retries.
+RETRIES = {"count": 0}
+
+
+def _shard_samples(url: str, shards: ShardSet) -> Iterator[dict]:
+    """The samples of one shard; a failed read is retried (bounded) by reopening the shard and skipping
+    what was already delivered (a shard's order is fixed). Past the limits the last error is raised."""
+    delivered, attempt, t0 = 0, 0, time.monotonic()
+    while True:
+        position = 0
+        try:
+            for s in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+                position += 1
+                if position > delivered:
+                    delivered = position
+                    yield s
+            return
+        except Exception as e:  # noqa: BLE001 - network, pipe and tar errors of a stream are all retried
+            spent = time.monotonic() - t0
+            delay = min(2.0**attempt, 30.0)
+            if attempt >= shards.retries or spent + delay > shards.retry_max_s:
+                if attempt:
+                    why = f"gave up after {attempt} retries in {spent:.0f} s: {type(e).__name__}: {e}"
+                    raise OSError(why) from e
+                raise
+            attempt += 1
+            RETRIES["count"] += 1
+            log.warning(
+                "%s: shard %s: read failed after %d samples (%s: %s); retry %d/%d in %.0f s",
+                shards.field, url, delivered, type(e).__name__, str(e)[:200], attempt, shards.retries, delay,
+            )  # fmt: skip
+            time.sleep(delay)
 
 
 def _checked(samples: Iterator[dict], shards: ShardSet, urls: list[str], counts: list[int]) -> Iterator[dict]:
@@ -62,7 +101,7 @@ def rank_stream(
     first = bisect.bisect_right(starts, begin) - 1
     last = bisect.bisect_left(starts, end)  # exclusive shard index
     urls, counts = shards.urls[first:last], shards.counts[first:last]
-    raw = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+    raw = itertools.chain.from_iterable(_shard_samples(u, shards) for u in urls)
     skip = begin - starts[first]
     # Shards before `skip` and after `end` are read only as far as needed: skipping costs I/O, not decoding.
     samples = itertools.islice(_checked(iter(raw), shards, urls, counts), skip, skip + end - begin)

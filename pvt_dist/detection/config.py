@@ -16,7 +16,10 @@ from pvt_dist.config import (
     DeepSpeedOptions,
     DistConfig,
     EvalConfig,
+    LeaseConfig,
     LoggingConfig,
+    PreemptionConfig,
+    check_cluster_sections,
     check_gpu_options,
     load_config,
     resolve_batch,
@@ -95,6 +98,10 @@ class DetrTrainConfig:
     """Console/TensorBoard logging."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Process group settings."""
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    """How often the ranks agree on a stop signal."""
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
+    """The run directory's lease (one job per run directory)."""
     export: str = "detector.pth"
     """File (relative to run_dir) the final detector is exported to for detect.py / evaluate_detr.py."""
     vis_images: int = 2
@@ -139,4 +146,5 @@ def resolve_detr_config(cfg: DetrTrainConfig, world_size: int) -> DetrTrainConfi
         raise ConfigError(f"eval_micro_batch: must be >= 1, got {cfg.eval_micro_batch}")
     if not cfg.run_dir:
         raise ConfigError("run_dir: must not be empty")
+    check_cluster_sections(cfg)
     return cfg

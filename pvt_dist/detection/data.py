@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -298,6 +299,18 @@ class DetectionLoader:
             yield self._convert(self._pipe.run())
         self._batch = 0
 
+    def _check_size(self, image_id: int, decoded_hw: list[int]) -> None:
+        """The JSON's width/height must be the decoded image's (EXIF orientation applied): DALI's COCO
+        reader makes the boxes relative with the JSON's size, so a mismatch would silently distort them."""
+        img = self.annotations.images[image_id]
+        if [img["height"], img["width"]] != decoded_hw:
+            path = Path(self.image_root) / img["file_name"]
+            raise ValueError(
+                f"{self.annotations.ann_file}: image id {image_id} ({path}): the JSON says "
+                f"{img['width']}x{img['height']} (w x h), the decoded image is "
+                f"{decoded_hw[1]}x{decoded_hw[0]} (EXIF orientation applied); fix width/height in the JSON"
+            )
+
     def _convert(self, outs):
         images, size_hw, orig_hw, boxes, cats, image_ids = outs
         dev = self.device
@@ -319,14 +332,11 @@ class DetectionLoader:
         targets = [
             {"labels": lab, "boxes": box} for lab, box in zip(labels.split(counts), cxcywh.split(counts))
         ]
-        infos = [
-            {
-                "image_id": int(np.array(image_ids[b]).reshape(-1)[0]),
-                "orig_size": origs[b].tolist(),
-                "size": sizes[b].tolist(),
-            }
-            for b in range(bsz)
-        ]
+        infos = []
+        for b in range(bsz):
+            image_id = int(np.array(image_ids[b]).reshape(-1)[0])
+            self._check_size(image_id, origs[b].tolist())
+            infos.append({"image_id": image_id, "orig_size": origs[b].tolist(), "size": sizes[b].tolist()})
         return images, mask, targets, infos
 
 

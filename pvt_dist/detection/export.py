@@ -67,3 +67,12 @@ def load_detector(path: str | os.PathLike) -> tuple[DETR, dict]:
     model.load_state_dict(blob["model"])
     model.eval()
     return model, {k: v for k, v in blob.items() if k != "model"}
+
+
+def load_image(path: str):
+    """An RGB PIL image the way the detector saw its data: EXIF orientation applied, like DALI's
+    ``decoders.image`` (``adjust_orientation``, on by default) in training and evaluation."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).convert("RGB")

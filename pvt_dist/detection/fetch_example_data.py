@@ -18,6 +18,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from pvt_dist.paths import stays_inside
+
 from .targets import validate_coco_dataset
 
 PACKAGE = "labelme==6.3.1"
@@ -66,6 +68,9 @@ def renumber(dataset: dict) -> dict:
 def extract(sdist: Path, out: Path) -> Path:
     """Write OUT/annotations.json (renumbered) and OUT/JPEGImages/*.jpg; return the annotation path."""
     with tarfile.open(sdist) as tar:
+        for m in tar.getmembers():  # nothing may be written outside OUT, whatever the archive says
+            if not stays_inside(m.name):
+                raise RuntimeError(f"{sdist}: refusing tar member {m.name!r} (absolute path or ..)")
         members = [m for m in tar.getmembers() if m.name.startswith(EXAMPLE_DIR) and m.isfile()]
         if not members:
             raise RuntimeError(f"{sdist}: no {EXAMPLE_DIR} in the archive")

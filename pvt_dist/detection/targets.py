@@ -11,6 +11,8 @@ import math
 import os
 from pathlib import Path
 
+from pvt_dist.paths import stays_inside
+
 BOX_TOLERANCE = 1.0
 """Pixels a box may extend past the image border (COCO has rounding overshoots of a fraction of a pixel)."""
 
@@ -40,6 +42,11 @@ def validate_coco_dataset(
             )
         if "file_name" not in img:
             raise ValueError(f"{source}: image id {iid}: no file_name")
+        if not stays_inside(str(img["file_name"])):
+            raise ValueError(
+                f"{source}: image id {iid}: file_name {img['file_name']!r} leaves the image folder "
+                "(absolute or with ..)"
+            )
         if img["file_name"] in files:  # DALI's COCO reader would silently read only one of them
             raise ValueError(
                 f"{source}: image ids {files[img['file_name']]} and {iid} share file {img['file_name']}"

@@ -58,7 +58,7 @@ class DetrTrainer(Trainer):
         import deepspeed
 
         self._setup_run(cfg, env, device, preemption)
-        resume_tag = self.ckpt.latest() if cfg.checkpoint.resume else None
+        resume_tag = self.ckpt.resume_tag() if cfg.checkpoint.resume else None
 
         ds = cfg.deepspeed
         self.train_loader = build_detection_loader(

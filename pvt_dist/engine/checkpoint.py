@@ -14,9 +14,11 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from pvt_dist.cluster import distributed as pdist
@@ -25,6 +27,30 @@ log = logging.getLogger(__name__)
 
 _TAG = re.compile(r"^step_(\d{8,})$")
 STATE_FILE = "trainer_state.json"
+# Tests only (tests/test_faults.py): "STEP:SECONDS:PREFIX" makes every rank, once all ranks' files of step
+# STEP are on disk but before trainer_state.json and `latest` are written, create PREFIX.rankN and sleep
+# SECONDS, so a fault can be injected exactly between DeepSpeed's files and `latest`.
+# What our checkpoints pickle beyond tensors and builtins: numpy's RNG state (a uint32 array) in the rank
+# states; DeepSpeed's loss scaler, ZeRO stage enum and fragment addresses in its optimizer states.
+_np_core = getattr(np, "_core", None) or np.core
+NUMPY_RNG_GLOBALS = [_np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+DEEPSPEED_PICKLED = (
+    "deepspeed.runtime.fp16.loss_scaler.",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+PAUSE_ENV = "PVT_DIST_TEST_PAUSE_BEFORE_LATEST"
+
+
+def _test_pause(step: int, rank: int) -> None:
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    at, seconds, prefix = spec.split(":", 2)
+    if int(at) == step:
+        with open(f"{prefix}.rank{rank}", "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(float(seconds))
 
 
 def tag_for(step: int) -> str:
@@ -57,6 +83,41 @@ def atomic_torch_save(obj: Any, path: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def check_pickles(tag_dir: str) -> None:
+    """Refuse a checkpoint whose files pickle anything but tensors, builtins and the types we allow.
+
+    For the files DeepSpeed unpickles in full (``weights_only=False``: its engine and ``zero_to_fp32``):
+    a run directory handed over by someone else is scanned, without executing it, before any of it loads.
+    """
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in NUMPY_RNG_GLOBALS}
+    allowed.add("numpy.core.multiarray._reconstruct")  # numpy < 2
+    for name in sorted(os.listdir(tag_dir)):
+        path = os.path.join(tag_dir, name)
+        if not name.endswith(".pt") or not os.path.isfile(path):
+            continue
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 - not a torch zip file at all
+            raise ValueError(f"{path}: not a readable torch checkpoint file: {e}") from e
+        bad = [g for g in found if g not in allowed and not g.startswith(DEEPSPEED_PICKLED)]
+        if bad:
+            raise ValueError(
+                f"{path} pickles {bad}, which a checkpoint of this project never holds; refusing to unpickle "
+                "it (loading it could run arbitrary code)"
+            )
+
+
+def safe_load(path: str):
+    """``torch.load(weights_only=True)`` of one of our checkpoint files, allowing the types it may hold."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [*NUMPY_RNG_GLOBALS, LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_latest(ckpt_dir: str) -> str | None:
@@ -102,6 +163,45 @@ class CheckpointManager:
     def latest(self) -> str | None:
         return read_latest(self.dir)
 
+    def resume_tag(self) -> str | None:
+        """One resume decision for every rank (collective): the tag rank 0 finds in `latest`, or None.
+
+        Rank 0 reads `latest` (a complete checkpoint only) and broadcasts the tag; every rank then checks it
+        sees that checkpoint, and all fail together if one does not, the blind rank naming the path and
+        its host: ranks reading `latest` on their own could resume from different steps, or one could
+        start afresh, when the run directory is not the same filesystem on every node.
+        """
+        decision = (None, None)
+        if self.rank == 0:
+            try:
+                decision = (self.latest(), None)
+            except RuntimeError as e:
+                decision = (None, str(e))
+        tag, error = pdist.broadcast_object(decision)
+        if error is not None:
+            raise RuntimeError(error)
+        if tag is None:
+            return None
+        state = os.path.join(self.dir, tag, STATE_FILE)
+        blind = None if os.path.isfile(state) else socket.gethostname()
+        views = [blind]
+        if pdist.is_initialized():
+            views = [None] * self.world_size
+            torch.distributed.all_gather_object(views, blind)
+        if blind is not None:
+            raise RuntimeError(
+                f"rank {self.rank} on host {blind} cannot see {state}, the checkpoint rank 0 resumes from: "
+                "the run dir is not shared across nodes. Put run_dir on a filesystem every node mounts at "
+                "the same path (NFS, Lustre, GPFS)"
+            )
+        failed = [r for r, host in enumerate(views) if host is not None]
+        if failed:
+            raise RuntimeError(
+                f"rank(s) {failed} on {sorted(set(views) - {None})} cannot see checkpoint {tag} in "
+                f"{self.dir}: the run dir is not shared across nodes (see their error)"
+            )
+        return tag
+
     def save(self, engine, step: int, client_state: dict, rank_state: dict, meta: dict) -> str:
         """Every rank calls this at the same step. Returns the checkpoint path."""
         tag = tag_for(step)
@@ -120,6 +220,7 @@ class CheckpointManager:
                 f"checkpoint: saving step {step} to {path} failed ({free:.0f} MiB free there): {e}"
             ) from e
         pdist.barrier()  # every rank's files are on disk
+        _test_pause(step, self.rank)
         if self.rank == 0:
             for name in os.listdir(path):
                 full = os.path.join(path, name)
@@ -180,9 +281,11 @@ class CheckpointManager:
         rank_file = os.path.join(path, f"rank_{self.rank:05d}.pt")
         if not os.path.isfile(rank_file):
             raise RuntimeError(f"checkpoint {path} has no state for rank {self.rank} ({rank_file})")
+        # DeepSpeed unpickles its own files in full (torch_checkpoint_engine: weights_only=False), so a
+        # resume only ever loads this run's checkpoints/ (never a path from the command line); run dirs
+        # from elsewhere go through `python -m pvt_dist.export`, which loads with weights_only=True.
         load_path, client_state = engine.load_checkpoint(self.dir, tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-        # Our own file: RNG states include numpy's tuple, so a full unpickle is needed.
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        rank_state = safe_load(rank_file)
         return client_state or {}, rank_state, meta

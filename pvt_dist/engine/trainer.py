@@ -24,6 +24,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from pvt_dist.cluster import distributed as pdist
 from pvt_dist.cluster.distributed import DistEnv
 from pvt_dist.config import TrainConfig, config_hash, dump_config, peak_lr, to_dict
+from pvt_dist.data.stream import RETRIES as STREAM_RETRIES
 from pvt_dist.engine.checkpoint import CheckpointManager, check_writable
 from pvt_dist.engine.cpu_bf16 import fp32_gemm, use_fp32_gemm
 from pvt_dist.engine.ds_config import build_deepspeed_config
@@ -166,7 +167,7 @@ class Trainer:
         from pvt_dist.models import build_model, load_pretrained
 
         self._setup_run(cfg, env, device, preemption)
-        resume_tag = self.ckpt.latest() if cfg.checkpoint.resume else None
+        resume_tag = self.ckpt.resume_tag() if cfg.checkpoint.resume else None
 
         ds = cfg.deepspeed
         self.train_loader = build_loader(
@@ -372,11 +373,12 @@ class Trainer:
         pending: list[tuple[int, torch.Tensor, float]] = []  # (step, all-reduced stats, lr) not yet read
         sync_every, stopped = self.sync_every, False
         while self.step < self.total_steps:
-            # Collective at the same step boundaries on every rank.
+            # Collective at the same step boundaries on every rank: the host syncs, and by time (check_due is
+            # derived from all-reduced values, hence the same on every rank).
             if (
                 self.preemption is not None
-                and self.step % sync_every == 0
-                and self.preemption.stop_requested()
+                and (self.step % sync_every == 0 or self.preemption.check_due(self.step))
+                and self.preemption.stop_requested(self.step)
             ):
                 if self.last_saved != self.step:
                     self.save()
@@ -439,6 +441,7 @@ class Trainer:
             "perf/data_wait_s": w["wait"] / n_steps,
             "perf/memory_mb": memory_mb(self.device),
             "train/epoch": self.step / self.steps_per_epoch,
+            "data/stream_retries": float(STREAM_RETRIES["count"]),  # streamed shards reopened so far
         }
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -449,7 +452,8 @@ class Trainer:
             values["train/loss_scale"] = float(scale) if scale is not None else None
             values["train/skipped_steps"] = float(self.engine.skipped_steps)
         self.logger.scalars(self.step, values, "train")
-        shown = {k: v for k, v in values.items() if k not in ("train/epoch", "perf/memory_mb")}
+        hidden = ("train/epoch", "perf/memory_mb", "data/stream_retries")
+        shown = {k: v for k, v in values.items() if k not in hidden}
         self.logger.console(self.step, self.step / self.steps_per_epoch, shown)
 
     def close(self) -> None:
