@@ -104,7 +104,8 @@ def test_reduction_and_accumulation_dtype_defaults(fmnist_shards):
     assert ds["communication_data_type"] == "fp32" and ds["data_types"] == {"grad_accum_dtype": "fp32"}
     ds = build_deepspeed_config(resolved(fmnist_shards, "deepspeed.grad_accum=1"), "cpu")
     assert ds["communication_data_type"] == "fp32" and "data_types" not in ds
-    for stage in (0, 3):  # DeepSpeed refuses (0) or ignores (3) fp32 accumulation of bf16 gradients
+    # DeepSpeed refuses (0), ignores (3), or at stage 1 moves to an optimizer export cannot read.
+    for stage in (0, 1, 3):
         ds = build_deepspeed_config(
             resolved(fmnist_shards, "deepspeed.grad_accum=2", f"deepspeed.zero_stage={stage}")
         )
@@ -120,8 +121,9 @@ def test_reduction_and_accumulation_dtype_defaults(fmnist_shards):
     [
         (["deepspeed.precision=fp16", "deepspeed.reduce_dtype=bf16"], "deepspeed.reduce_dtype: bf16 under"),
         (["deepspeed.precision=fp32", "deepspeed.grad_accum_dtype=bf16"], "deepspeed.grad_accum_dtype: bf16"),
-        (["deepspeed.grad_accum_dtype=fp32", "deepspeed.zero_stage=3"], "needs zero_stage 1 or 2"),
-        (["deepspeed.grad_accum_dtype=fp32", "deepspeed.zero_stage=0"], "needs zero_stage 1 or 2"),
+        (["deepspeed.grad_accum_dtype=fp32", "deepspeed.zero_stage=3"], "needs zero_stage 2, got stage 3"),
+        (["deepspeed.grad_accum_dtype=fp32", "deepspeed.zero_stage=0"], "needs zero_stage 2, got stage 0"),
+        (["deepspeed.grad_accum_dtype=fp32", "deepspeed.zero_stage=1"], "BF16_Optimizer"),
         (["deepspeed.reduce_dtype=fp8"], "deepspeed.reduce_dtype"),
         (["deepspeed.reduce_bucket_size=0"], "deepspeed.reduce_bucket_size: must be a positive"),
         (["deepspeed.overlap_comm=maybe"], "deepspeed.overlap_comm"),

@@ -136,9 +136,9 @@ def test_zero_stage_train_resume_export(stage, tiny_config, tmp_path):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_bf16_fp32_reduce_and_accum_with_overlap_resumes_exactly(stage, tiny_config, tmp_path):
-    """The GPU defaults on 2 CPU ranks: bf16 gradients reduced in fp32 and accumulated in fp32 over 2
-    micro batches (ZeRO-1: DeepSpeed's BF16_Optimizer, ZeRO-2: its fp32 gradient partitions), with
-    overlap_comm forced on (auto turns it on on GPU only); stop, resume, same losses; export loads."""
+    """The GPU defaults on 2 CPU ranks: bf16 gradients reduced in fp32 (and, at ZeRO-2, accumulated in
+    fp32 over the 2 micro batches), with overlap_comm forced on (auto turns it on on GPU only); stop,
+    resume, same losses; the export loads."""
     from pvt_dist.models import build_model, load_pretrained
 
     run = tmp_path / "run"

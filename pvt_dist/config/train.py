@@ -113,8 +113,9 @@ class DeepSpeedOptions:
     training dtype otherwise. fp32 or the training dtype only."""
     grad_accum_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """dtype 16-bit gradients are accumulated in over ``grad_accum`` micro batches (DeepSpeed
-    ``data_types.grad_accum_dtype``). auto: fp32 when grad_accum > 1 at ZeRO-1/2, else the training dtype.
-    DeepSpeed 0.19 honours fp32 only at ZeRO-1/2 (stage 0 refuses the mix, stage 3 ignores it)."""
+    ``data_types.grad_accum_dtype``). auto: fp32 when grad_accum > 1 at ZeRO-2 (fp16: ZeRO-1/2), else the
+    training dtype. DeepSpeed 0.19 refuses fp32 at stage 0 and ignores it at stage 3; under bf16 at stage 1
+    it switches to its BF16_Optimizer, whose checkpoints zero_to_fp32 cannot read (so not there)."""
     overlap_comm: bool | None = None
     """Overlap ZeRO-1/2 gradient reduction with backward (DeepSpeed ``overlap_comm``), bucket by bucket.
     None: on with a GPU, off on CPU (gloo on shared cores has no idle time to overlap into)."""
@@ -268,6 +269,11 @@ def resolve_batch(ds: DeepSpeedOptions, world_size: int) -> tuple[int, int, int]
     return g, m, a
 
 
+def fp32_accum_supported(ds: DeepSpeedOptions) -> bool:
+    """Stages where DeepSpeed 0.19 accumulates 16-bit gradients in fp32 with checkpoints we can export."""
+    return ds.zero_stage == 2 or (ds.zero_stage == 1 and ds.precision == "fp16")
+
+
 def check_gpu_options(ds: DeepSpeedOptions) -> None:
     """Reduction / accumulation dtypes and bucket sizes: values DeepSpeed 0.19 really applies."""
     for key in ("reduce_dtype", "grad_accum_dtype"):
@@ -277,9 +283,11 @@ def check_gpu_options(ds: DeepSpeedOptions) -> None:
             f"deepspeed.{key}: {value} under precision {ds.precision}; use auto, fp32 or {ds.precision}",
         )
     _check(
-        ds.grad_accum_dtype != "fp32" or ds.precision == "fp32" or ds.zero_stage in (1, 2),
-        f"deepspeed.grad_accum_dtype: fp32 accumulation of {ds.precision} gradients needs zero_stage 1 or 2 "
-        f"(DeepSpeed refuses it at stage 0 and ignores it at stage 3), got stage {ds.zero_stage}",
+        ds.grad_accum_dtype != "fp32" or ds.precision == "fp32" or fp32_accum_supported(ds),
+        f"deepspeed.grad_accum_dtype: fp32 accumulation of {ds.precision} gradients needs zero_stage 2"
+        f"{' (or 1)' if ds.precision == 'fp16' else ''}, got stage {ds.zero_stage}: DeepSpeed refuses it at "
+        "stage 0, ignores it at stage 3, and under bf16 at stage 1 switches to its BF16_Optimizer, whose "
+        "checkpoints zero_to_fp32 (pvt_dist.export) cannot read",
     )
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
         _check(

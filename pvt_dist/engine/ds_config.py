@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from pvt_dist.config import DeepSpeedOptions, TrainConfig
+from pvt_dist.config.train import fp32_accum_supported
 
 
 def _deep_update(base: dict, over: dict) -> dict:
@@ -26,7 +27,7 @@ def reduction_dtypes(ds: DeepSpeedOptions) -> tuple[str, str | None]:
         reduce = "fp32" if ds.precision == "bf16" else ds.precision
     accum = ds.grad_accum_dtype
     if accum == "auto":
-        fp32_accum = ds.precision != "fp32" and ds.grad_accum > 1 and ds.zero_stage in (1, 2)
+        fp32_accum = ds.precision != "fp32" and ds.grad_accum > 1 and fp32_accum_supported(ds)
         accum = "fp32" if fp32_accum else None
     elif accum == ds.precision:
         accum = None  # DeepSpeed's default is the training dtype; leaving it unset keeps its plain path
