@@ -206,3 +206,64 @@ def test_train_shards_partition_every_epoch(example, tmp_path):
         assert sorted(ids) == [1, 2, 3, 4], (epoch, ids)
         orders.append(ids)
     assert len({tuple(o) for o in orders}) > 1  # reshuffled between epochs
+
+
+def test_flipped_and_cropped_boxes_cover_their_objects(tmp_path):
+    """Ground truth that can be seen: a red and a blue rectangle painted exactly where their boxes are. After
+    every random flip, crop and resize, each target box (converted to pixels of the augmented image) must
+    be the bounding box of its color in the augmented image, and a box cropped away must have no color left.
+    """
+    import numpy as np
+    from PIL import Image
+
+    img = np.full((240, 320, 3), 128, np.uint8)
+    objects = {1: ((100, 60, 80, 100), (255, 0, 0)), 2: ((230, 150, 60, 50), (0, 0, 255))}
+    for (x, y, w, h), color in objects.values():
+        img[y : y + h, x : x + w] = color
+    Image.fromarray(img).save(tmp_path / "shapes.jpg", quality=98)
+    dataset = {
+        "images": [{"id": 1, "file_name": "shapes.jpg", "width": 320, "height": 240}],
+        "annotations": [
+            {
+                "id": cid,
+                "image_id": 1,
+                "category_id": cid,
+                "bbox": list(box),
+                "area": box[2] * box[3],
+                "iscrowd": 0,
+            }
+            for cid, (box, _) in objects.items()
+        ],  # fmt: skip
+        "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "blue"}],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(dataset))
+    cfg = _cfg(tmp_path / "ann.json", tmp_path)
+    loader = build_detection_loader(cfg, "train", micro_batch=1, seed=4)
+    mean = torch.tensor(cfg.mean)[:, None, None]
+    std = torch.tensor(cfg.std)[:, None, None]
+    red_side, cropped, checked = set(), 0, 0
+    for epoch in range(24):
+        loader.set_epoch(epoch)
+        for images, _mask, targets, infos in loader:
+            h, w = infos[0]["size"]
+            rgb = (images[0, :, :h, :w] * std + mean) * 255  # [3, h, w]
+            cropped += abs(w / h - 320 / 240) > 0.03  # a crop window changes the aspect ratio
+            labels = targets[0]["labels"].tolist()
+            for label, (color, _) in enumerate((objects[1][1], objects[2][1])):
+                c = torch.tensor(color, dtype=torch.float32)[:, None, None]
+                hit = ((rgb - c).abs().max(0).values < 60).nonzero()  # [K, 2] (y, x)
+                if label not in labels:
+                    assert len(hit) < 0.001 * h * w, f"epoch {epoch}: a pruned box's object is still visible"
+                    continue
+                cx, cy, bw, bh = targets[0]["boxes"][labels.index(label)].tolist()
+                box = torch.tensor(
+                    [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]
+                )
+                seen = torch.tensor(
+                    [hit[:, 1].min(), hit[:, 0].min(), hit[:, 1].max() + 1, hit[:, 0].max() + 1]
+                )
+                assert (box - seen).abs().max() <= 3, (epoch, label, box.tolist(), seen.tolist(), (w, h))
+                checked += 1
+                if label == 0:
+                    red_side.add(cx < 0.5)
+    assert checked >= 30 and red_side == {True, False} and cropped > 0, (checked, red_side, cropped)

@@ -106,6 +106,16 @@ def test_zero_stage_train_resume_export(stage, tiny_config, tmp_path):
         assert "val_ema/top1" in tags
     loss_steps = [e.step for e in acc.Scalars("train/loss_step")]
     assert sorted(set(loss_steps)) == list(range(1, STEPS + 1))
+    # The raw events too (EventAccumulator's purge would hide duplicates): each step once over all files.
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    raw = [
+        ev.step
+        for f in sorted((resumed / "tensorboard").glob("*tfevents*"))
+        for ev in EventFileLoader(str(f)).Load()
+        if any(v.tag == "train/loss_step" for v in ev.summary.value)
+    ]
+    assert sorted(raw) == list(range(1, STEPS + 1)), raw
     assert [e.value for e in acc.Scalars("train/loss_step") if e.step > CKPT_EVERY] == pytest.approx(
         [losses[s] for s in range(CKPT_EVERY + 1, STEPS + 1)]
     )

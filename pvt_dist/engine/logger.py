@@ -69,11 +69,12 @@ class MetricLogger:
             return
         if start_step > 0:
             self._truncate_metrics(start_step)
+            self._truncate_events(start_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # Everything up to start_step was logged before that checkpoint was saved; purge_step hides
-            # what an interrupted run wrote after it, so the resumed curve has no duplicate steps.
+            # Everything up to start_step was logged before that checkpoint was saved; what an interrupted
+            # run wrote after it is cut from its event files (above) and purge_step tells TensorBoard too.
             self.writer = SummaryWriter(self.tb_dir, purge_step=start_step + 1 if start_step > 0 else None)
 
     def _truncate_metrics(self, start_step: int) -> None:
@@ -86,6 +87,32 @@ class MetricLogger:
         with open(tmp, "w") as f:
             f.writelines(lines)
         os.replace(tmp, self.metrics_path)
+
+    def _truncate_events(self, start_step: int) -> None:
+        """Drop events after ``start_step`` from the event files of earlier runs, so no step is in the
+        files twice (TensorBoard's purge hides them, but other readers of the raw events see them)."""
+        if not os.path.isdir(self.tb_dir):
+            return
+        from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        for name in sorted(os.listdir(self.tb_dir)):
+            path = os.path.join(self.tb_dir, name)
+            if "tfevents" not in name or not os.path.isfile(path):
+                continue
+            records = list(RawEventFileLoader(path).Load())
+            keep = [r for r in records if event_pb2.Event.FromString(r).step <= start_step]
+            if len(keep) == len(records):
+                continue
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                writer = RecordWriter(f)
+                for record in keep:
+                    writer.write(record)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
 
     def hparams(self, hparams: dict, metric_names: list[str]) -> None:
         if self.writer is None:
