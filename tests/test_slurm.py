@@ -39,6 +39,25 @@ def test_signal_requests_stop_single_process():
     assert signal.getsignal(signal.SIGUSR1) is before, "close() restores the previous handler"
 
 
+def test_signal_after_the_last_step_does_not_requeue(monkeypatch):
+    from pvt_dist.cluster import preemption
+
+    requeues = []  # stands for submitit's handler, which checkpoints and requeues on its signal
+    displaced = signal.signal(signal.SIGUSR1, lambda sig, frame: requeues.append(sig))
+    try:
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        handler = PreemptionHandler()
+        handler.run_finished()  # the trainer's last optimizer step is done
+        os.kill(os.getpid(), signal.SIGUSR1)  # e.g. the time limit during the final validation
+        handler.close()
+        os.kill(os.getpid(), signal.SIGUSR1)  # again while the finished process exits
+        assert requeues == [], "a finished run was handed to the requeuing handler"
+        assert not preemption.requeue_requested()
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, displaced)
+
+
 def _agree_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
