@@ -150,7 +150,7 @@ def test_slurm_script_defaults_resolve(name):
         entry, ["--config", config, "--world-size", str(nodes * tasks), "--nodes", str(nodes)]
     )
     assert rc == 0, err
-    assert f"world {nodes * tasks} = {nodes} nodes x {tasks}" in out
+    assert f"world {nodes * tasks} = {nodes} node{'s' if nodes > 1 else ''} x {tasks} |" in out
 
 
 def doc_commands() -> list[str]:

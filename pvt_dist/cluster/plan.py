@@ -69,8 +69,8 @@ def _nodes_from_env(world: int) -> int | None:
 
 
 def world_line(world: int, nodes: int | None) -> str:
-    if nodes and world % nodes == 0 and nodes > 1:
-        return f"world {world} = {nodes} nodes x {world // nodes}"
+    if nodes and world % nodes == 0:
+        return f"world {world} = {nodes} node{'s' if nodes > 1 else ''} x {world // nodes}"
     return f"world {world}"
 
 
