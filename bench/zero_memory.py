@@ -35,6 +35,7 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore", category=FutureWarning)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from pvt_dist.cluster.plan import zero_state_bytes  # noqa: E402  (the same arithmetic as --plan)
 from pvt_dist.config import DistConfig, TrainConfig  # noqa: E402
 from pvt_dist.engine.cpu_bf16 import fp32_gemm, use_fp32_gemm  # noqa: E402
 from pvt_dist.engine.ds_config import build_deepspeed_config  # noqa: E402
@@ -42,7 +43,7 @@ from pvt_dist.engine.optim import build_optimizer  # noqa: E402
 from pvt_dist.models import build_model  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-CATEGORIES = ("params", "grads", "master", "adam")
+CATEGORIES = ("params", "grads", "master", "adam")  # = pvt_dist.cluster.plan.STATE_NAMES
 
 
 def _tensors(obj, depth: int = 0):
@@ -108,16 +109,6 @@ def measure_stage(model_name: str, size: int, dtype: str, stage: int, world: int
     return out
 
 
-def theory(n_params: int, dtype: str, stage: int, world: int) -> dict:
-    p, g, master, adam = (2, 2, 4, 8) if dtype == "bf16" else (4, 4, 0, 8)
-    return {
-        "params": n_params * p / (world if stage >= 3 else 1),
-        "grads": n_params * g / (world if stage >= 2 else 1),
-        "master": n_params * master / (world if stage >= 1 else 1),
-        "adam": n_params * adam / (world if stage >= 1 else 1),
-    }
-
-
 def child(args) -> None:
     """One rank of one world size: measure every stage, rank 0 writes the rows."""
     from pvt_dist.cluster.distributed import init_distributed
@@ -129,7 +120,7 @@ def child(args) -> None:
         m = measure_stage(args.model, args.size, args.dtype, stage, env.world_size)
         per_rank = [None] * env.world_size
         torch.distributed.all_gather_object(per_rank, m)
-        th = theory(m["n_params"], args.dtype, stage, env.world_size)
+        th = zero_state_bytes(m["n_params"], args.dtype, stage, env.world_size)
         for rank, r in enumerate(per_rank):
             row = dict(model=args.model, dtype=args.dtype, zero=stage, world=env.world_size, rank=rank,
                        n_params=r["n_params"], optimizer=r["optimizer"])  # fmt: skip

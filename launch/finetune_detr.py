@@ -3,6 +3,7 @@
     deepspeed --num_gpus 8 launch/finetune_detr.py --config configs/detr/pvt_small_coco.yaml [key=value ...]
     torchrun --nproc_per_node 8 launch/finetune_detr.py --config ...   # or srun python ...
     python launch/finetune_detr.py --config configs/detr/labelme_overfit.yaml run_dir=runs/x
+    python launch/finetune_detr.py --config configs/detr/pvt_small_coco.yaml --plan --world-size 16
 
 Same engine as stage 1 (ZeRO, bf16/fp16, checkpoints, exact resume, preemption, TensorBoard). At the end the
 detector is exported to ``<run_dir>/<export>`` for launch/detect.py and launch/evaluate_detr.py.
@@ -36,6 +37,7 @@ STAGE = Stage(
     name="pvt_dist.detr",
     load=lazy("pvt_dist.detection.config:load_detr_config"),
     resolve=lazy("pvt_dist.detection.config:resolve_detr_config"),
+    plan="detr",
     trainer=lazy("pvt_dist.detection.trainer:DetrTrainer"),
     report=lambda r: f"COCO AP {fmt(r['AP'], '.4f')} AP50 {fmt(r['AP50'], '.4f')}",
     finish=finish,

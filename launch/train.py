@@ -3,6 +3,7 @@
     deepspeed --num_gpus 8 launch/train.py --config configs/pretrain/pvt_small.yaml [key=value ...]
     torchrun --nproc_per_node 8 launch/train.py --config ...     # or: srun python launch/train.py ...
     python launch/train.py --config ... deepspeed.zero_stage=3 run_dir=runs/x
+    python launch/train.py --config configs/pretrain/pvt_large.yaml --plan --world-size 128   # dry run
 
 A run directory that already holds a checkpoint is resumed. Exit codes: 0 done (or stopped for
 preemption, checkpoint saved), 2 bad configuration, 3 non-finite loss.
@@ -24,6 +25,7 @@ STAGE = Stage(
     name="pvt_dist.train",
     load=lazy("pvt_dist.config:load_config"),
     resolve=lazy("pvt_dist.config:resolve_config"),
+    plan="pretrain",
     trainer=lazy("pvt_dist.engine:Trainer"),
     report=lambda r: f"final top-1 {fmt(r['top1'], '.2f')}% top-5 {fmt(r['top5'], '.2f')}%",
 )

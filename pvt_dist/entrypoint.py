@@ -4,9 +4,13 @@ The same script runs under ``deepspeed`` (which passes ``--local_rank``), ``torc
 single process; ``pvt_dist.cluster.distributed.detect_env`` finds the ranks. This module imports nothing heavy
 at the top, so a bad config or argument is reported before torch, DeepSpeed or DALI load.
 
-Exit codes: 0 done (or stopped for preemption with its checkpoint saved), 2 bad configuration or run
-directory (including one held by another live job: ``RUN_DIR/.lease``), 3 non-finite loss (the last good
-checkpoint is kept).
+``--plan [--world-size N]`` resolves the config, prints the run's plan (``pvt_dist.cluster.plan``) and exits
+0 without starting anything; a real launch builds the same plan before its process group and rank 0 prints
+its first line.
+
+Exit codes: 0 done (or stopped for preemption with its checkpoint saved, or a plan printed), 2 bad
+configuration or run directory (including one held by another live job: ``RUN_DIR/.lease``), 3 non-finite
+loss (the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ class Stage:
     """Logger name for errors (e.g. ``pvt_dist.train``)."""
     load: Callable[[str, list[str]], object]
     """``load(yaml_path, dotted_overrides) -> config``; raises ConfigError naming the key."""
-    resolve: Callable[[object, int], object]
-    """``resolve(config, world_size) -> config`` with the batch sizes checked against the world."""
+    resolve: Callable[..., object]
+    """``resolve(config, world_size, check_files=True) -> config`` with the batch sizes checked against the
+    world; ``check_files=False`` (``--plan``) accepts data that is not on this machine."""
+    plan: str
+    """``pvt_dist.cluster.plan.build_plan``'s stage: ``pretrain`` or ``detr``."""
     trainer: Callable[..., object]
     """``trainer(cfg, env, device, preemption=handler)``: an object with ``train()`` and ``close()``."""
     report: Callable[[dict], str]
@@ -64,8 +71,27 @@ def parse_args(stage: Stage, doc: str | None, argv: list[str] | None) -> argpars
     p.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher"
     )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the run's plan (batch, lr, steps, memory, checkpoint size) and exit; starts nothing and "
+        "needs neither the data nor a GPU",
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="with --plan: the number of ranks (GPUs) to plan for (default: the launcher's, else 1)",
+    )
+    p.add_argument("--nodes", type=int, default=None, help="with --plan: nodes the ranks are spread over")
     p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {stage.override_example}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.plan and (args.world_size is not None or args.nodes is not None):
+        p.error("--world-size and --nodes are for --plan; a launch takes the world from its launcher")
+    for name in ("world_size", "nodes"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    return args
 
 
 def run_stage(
@@ -75,6 +101,8 @@ def run_stage(
     t_launch = time.time() if t_launch is None else t_launch
     args = parse_args(stage, doc, argv)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, "build", "torch_extensions"))
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():  # before torch starts its thread pools
+        os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
@@ -84,13 +112,24 @@ def run_stage(
     overrides = list(args.overrides)
     if args.deepspeed_config:
         overrides.append(f"deepspeed.config_file={args.deepspeed_config}")
+    from pvt_dist.cluster.plan import build_plan
+
     try:
         cfg = stage.load(args.config, overrides)
         env = detect_env(cfg.dist.master_port)
-        cfg = stage.resolve(cfg, env.world_size)
+        world = args.world_size or env.world_size
+        cfg = stage.resolve(cfg, world, check_files=not args.plan)
+        # The same plan --plan prints: whatever it can refuse (e.g. a warmup as long as the run) is refused
+        # here, before any process group starts.
+        plan = build_plan(cfg, world, stage.plan, nodes=args.nodes, strict=not args.plan)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.plan:
+        print(plan.format())
+        return EXIT_OK
+    if env.rank == 0:
+        print(plan.summary, flush=True)
 
     from pvt_dist.engine.trainer import prepare_run_dir
 

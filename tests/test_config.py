@@ -86,10 +86,35 @@ def test_batch_triple():
     assert resolve_batch(DeepSpeedOptions(global_batch=1024, micro_batch=128), 2) == (1024, 128, 4)
     assert resolve_batch(DeepSpeedOptions(global_batch=1024, grad_accum=2), 4) == (1024, 128, 2)
     assert resolve_batch(DeepSpeedOptions(micro_batch=16, grad_accum=3), 2) == (96, 16, 3)
+    # An explicit grad_accum is honoured; it fails only when the micro batch it implies exceeds the cap.
+    assert resolve_batch(DeepSpeedOptions(global_batch=1024, micro_batch=128, grad_accum=2), 8) == (
+        1024,
+        64,
+        2,
+    )
     with pytest.raises(ConfigError, match=r"^deepspeed.global_batch: 1024 != micro_batch 128 x grad_accum 2"):
         resolve_batch(DeepSpeedOptions(global_batch=1024, micro_batch=128, grad_accum=2), 2)
-    with pytest.raises(ConfigError, match=r"^deepspeed.global_batch: 1000 is not divisible"):
-        resolve_batch(DeepSpeedOptions(global_batch=1000, micro_batch=128), 8)
+    with pytest.raises(
+        ConfigError, match=r"^deepspeed.global_batch: 1000 cannot be split over world size 16"
+    ):
+        resolve_batch(DeepSpeedOptions(global_batch=1000, micro_batch=128), 16)
+
+
+def test_micro_batch_is_a_cap_and_the_global_batch_is_kept():
+    from pvt_dist.config import DeepSpeedOptions
+
+    recipe = DeepSpeedOptions(global_batch=1024, micro_batch=128)
+    # (world, micro, accum): the largest micro <= 128 with 1024 % (micro x world) == 0.
+    for world, micro, accum in [(1, 128, 8), (16, 64, 1), (32, 32, 1), (128, 8, 1), (1024, 1, 1)]:
+        assert resolve_batch(recipe, world) == (1024, micro, accum), world
+    # A per-rank batch with no power-of-two factor: 1000 / 8 = 125 images -> micro 25 x accum 5 under cap 64.
+    assert resolve_batch(DeepSpeedOptions(global_batch=1000, micro_batch=64), 8) == (1000, 25, 5)
+    # Impossible: fewer images than ranks; the message says which world sizes and global batches work.
+    split = r"^deepspeed.global_batch: 1024 cannot be split over world size 2048"
+    with pytest.raises(ConfigError, match=split + r".*divide it: 256, 512, 1024; or a global batch of 2048"):
+        resolve_batch(recipe, 2048)
+    with pytest.raises(ConfigError, match=r"or a global batch of 1008 or 1056"):
+        resolve_batch(recipe, 48)
 
 
 BAD = [
@@ -160,11 +185,28 @@ def test_launch_rejects_bad_config_before_any_process_group(tmp_path, fmnist_sha
         str(ROOT / "configs/pretrain/pvt_tiny.yaml"),
     ]
     cmd += data_overrides(fmnist_shards) + [f"run_dir={run_dir}", "deepspeed.global_batch=1000"]
-    env = dict(os.environ, RANK="0", WORLD_SIZE="8", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    # 1000 images cannot be split evenly over 16 ranks (on 8 they can: 125 x 1 x 8).
+    env = dict(os.environ, RANK="0", WORLD_SIZE="16", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    env["MASTER_PORT"] = "1"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 2, proc.stderr
-    assert "deepspeed.global_batch: 1000" in proc.stderr
+    assert "deepspeed.global_batch: 1000 cannot be split over world size 16" in proc.stderr
     assert not run_dir.exists()  # nothing was started or written
+
+
+def test_launch_refuses_a_warmup_as_long_as_the_run_before_any_process_group(tmp_path, fmnist_shards):
+    """What --plan refuses, a launch refuses at the same point: exit 2 naming the key, nothing started."""
+    run_dir = tmp_path / "run"
+    demo = str(ROOT / "configs/pretrain/demo_fashion_mnist.yaml")
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", demo, f"run_dir={run_dir}"]
+    cmd += ["schedule.epochs=0.1", f"data.train_shards={fmnist_shards}", f"data.val_shards={fmnist_shards}"]
+    # MASTER_PORT 1: a process group could not even start.
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    # 2048 samples / 2 ranks / 64 = 16 steps per epoch: 0.1 epoch = 2 steps, warmup 0.1 epoch = 2 steps.
+    assert "schedule.warmup_epochs: warmup (2 steps) must be shorter than training (2 steps" in proc.stderr
+    assert "Traceback" not in proc.stderr and not run_dir.exists()
 
 
 def test_deepspeed_config_builder(fmnist_shards):
@@ -196,9 +238,10 @@ def test_param_groups_and_schedule():
     assert len(no_decay) + len(decay) == len(names)
 
     cfg = TrainConfig()
-    cfg.deepspeed.global_batch, cfg.deepspeed.grad_accum = 1024, 2
+    cfg.deepspeed.global_batch, cfg.deepspeed.micro_batch, cfg.deepspeed.grad_accum = 1024, 64, 2
     cfg.schedule.epochs, cfg.schedule.warmup_epochs = 10, 1
-    steps_per_epoch, total, warmup = resolve_schedule(cfg, loader_batches_per_epoch=200)
+    # 102,400 samples / 8 ranks = 200 micro batches of 64 per rank, 2 per optimizer step.
+    steps_per_epoch, total, warmup = resolve_schedule(cfg, train_samples=102_400, world_size=8)
     assert (steps_per_epoch, total, warmup) == (100, 1000, 100)
     opt = torch.optim.AdamW(groups, lr=peak_lr(cfg))
     sched = build_scheduler(opt, cfg, total, warmup)

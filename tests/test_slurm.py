@@ -39,6 +39,25 @@ def test_signal_requests_stop_single_process():
     assert signal.getsignal(signal.SIGUSR1) is before, "close() restores the previous handler"
 
 
+def test_signal_after_the_last_step_does_not_requeue(monkeypatch):
+    from pvt_dist.cluster import preemption
+
+    requeues = []  # stands for submitit's handler, which checkpoints and requeues on its signal
+    displaced = signal.signal(signal.SIGUSR1, lambda sig, frame: requeues.append(sig))
+    try:
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        handler = PreemptionHandler()
+        handler.run_finished()  # the trainer's last optimizer step is done
+        os.kill(os.getpid(), signal.SIGUSR1)  # e.g. the time limit during the final validation
+        handler.close()
+        os.kill(os.getpid(), signal.SIGUSR1)  # again while the finished process exits
+        assert requeues == [], "a finished run was handed to the requeuing handler"
+        assert not preemption.requeue_requested()
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, displaced)
+
+
 def _agree_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -114,9 +133,16 @@ def write_config(path: Path, shards: Path, run_dir: Path, steps: int = STEPS) ->
     return path
 
 
-def sbatch(config: Path, log: Path, *flags: str, cwd: Path = ROOT) -> str:
+def _submit_env(omp: str | None, **extra: str) -> dict:
+    """The submitting shell's environment; ``omp=None``: no OMP_NUM_THREADS, as a new user's shell."""
+    env = dict(os.environ, **extra)
+    env.pop("OMP_NUM_THREADS", None)
+    return env if omp is None else dict(env, OMP_NUM_THREADS=omp)
+
+
+def sbatch(config: Path, log: Path, *flags: str, cwd: Path = ROOT, omp: str | None = "1") -> str:
     """`sbatch slurm/pretrain.sh` on 2 nodes x 1 CPU task; from `cwd` (outside the repo: absolute path)."""
-    env = dict(os.environ, CONFIG=str(config), OVERRIDES="", OMP_NUM_THREADS="1", PYTHON=PYTHON)
+    env = _submit_env(omp, CONFIG=str(config), OVERRIDES="", PYTHON=PYTHON)
     env["RELAY_INTERVAL"] = "5"  # slurm/srun_train.sh: repeat a relayed USR1 every 5 s (default 15)
     script = "slurm/pretrain.sh" if cwd == ROOT else str(ROOT / "slurm" / "pretrain.sh")
     cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0"]
@@ -218,11 +244,11 @@ def rank_pid(job: str, rank: int) -> int | None:
     return tops[0] if tops else None
 
 
-def submit(config: Path, folder: Path, *extra: str) -> str:
+def submit(config: Path, folder: Path, *extra: str, omp: str | None = "1") -> str:
     """`launch/submit.py` on the local cluster (2 nodes x 1 task); returns the job id it printed."""
     cmd = [PYTHON, "launch/submit.py", "--config", str(config), "--nodes", "2", "--gpus-per-node", "0"]
     cmd += ["--tasks-per-node", "1", "--cpus-per-task", "1", "--timeout-min", "15", "--folder", str(folder)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = _submit_env(omp)
     proc = subprocess.run(cmd + list(extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout.split("submitted job ")[1].split(";")[0]
@@ -281,6 +307,29 @@ def test_submitit_launcher_completes(sbatch_run, fmnist_shards, tmp_path):
     assert job_state(job) == ("COMPLETED", "0:0")
     assert_finished_run(run_dir)
     assert_same_losses(run_dir, sbatch_run["run_dir"])
+
+
+THREADS_LINE = "threads torch 1 (OMP_NUM_THREADS=1), DALI 1, cpu budget 1"
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("launcher", ["sbatch", "submitit"])
+def test_every_rank_keeps_to_its_cpus_per_task(cluster, launcher, fmnist_shards, tmp_path):
+    """--cpus-per-task 1 with no OMP_NUM_THREADS in the submitting shell and data.num_threads 4: inside
+    each rank torch runs 1 intra-op thread and DALI 1 thread (the budget), under both launchers."""
+    cfg = write_config(tmp_path / "tiny.yaml", fmnist_shards, tmp_path / "run", steps=2)
+    cfg.write_text(cfg.read_text().replace('"num_threads": 1', '"num_threads": 4'))
+    if launcher == "sbatch":
+        log = tmp_path / "job.out"
+        job = sbatch(cfg, log, omp=None)
+        assert wait_final(job, 600, log) == ("COMPLETED", "0:0"), log.read_text()[-3000:]
+        text = log.read_text()
+    else:
+        job = submit(cfg, tmp_path / "submitit", "--wait", omp=None)
+        assert job_state(job) == ("COMPLETED", "0:0")
+        text = "".join(p.read_text() for p in sorted((tmp_path / "submitit").glob("*_log.out")))
+    for rank in (0, 1):
+        assert f"rank {rank}: {THREADS_LINE}" in text, text[-3000:]
 
 
 @pytest.mark.slurm

@@ -102,6 +102,36 @@ def detect_env(master_port: int = 29500) -> DistEnv:
     return DistEnv(0, 0, 1, "127.0.0.1", _free_port(), "single")
 
 
+def cpu_budget() -> int:
+    """CPU cores one rank may use: Slurm's ``--cpus-per-task``, else this process's cores shared by the ranks
+    of its node (LOCAL_WORLD_SIZE from torchrun / the deepspeed launcher)."""
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    local = next((int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if k in os.environ), 1)
+    return max(1, len(os.sched_getaffinity(0)) // max(local, 1))
+
+
+def torch_threads() -> int:
+    """Intra-op threads for torch: OMP_NUM_THREADS when set (by the user or the launcher), else the budget."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else cpu_budget()
+
+
+def set_thread_budget() -> int:
+    """Make torch use ``torch_threads()`` intra-op threads, even where its pool already exists (a submitit
+    task imports torch before our code runs, so an OMP_NUM_THREADS set then would be too late). Returns it."""
+    n = torch_threads()
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def dali_threads(requested: int) -> int:
+    """DALI CPU threads of one rank: the config's ``data.num_threads``, within the rank's CPU budget."""
+    return max(1, min(requested, cpu_budget()))
+
+
 def device_for(env: DistEnv) -> torch.device:
     """The GPU of this process when CUDA is present, else the CPU.
 
@@ -145,10 +175,9 @@ def init_distributed(cfg: DistConfig, env: DistEnv | None = None) -> tuple[DistE
     env = env or detect_env(cfg.master_port)
     device = device_for(env)
     export_rendezvous(env, device)
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Without a hint every rank would use every core: N ranks x N threads thrash a CPU node.
-        local = next((int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if k in os.environ), 1)
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+    # Without a budget every rank would use every core: N ranks x N threads thrash a node (CPU-side ops of
+    # GPU ranks too).
+    set_thread_budget()
     backend = cfg.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -118,6 +118,7 @@ class PreemptionHandler:
         self.check_every_s = check_every_s
         self._last_check: tuple[int, float] | None = None  # (step, time.monotonic()) of the last agreement
         self._next_check = 0
+        self._finished = False
         self._previous: dict[signal.Signals, Callable | int | None] = {}
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -184,6 +185,19 @@ class PreemptionHandler:
         per_step = elapsed / (step - self._last_check[0])
         self._next_check = step + max(1, int(self.check_every_s / per_step))
 
+    def run_finished(self) -> None:
+        """Call on every rank once the last optimizer step is done: the run is complete, not preempted.
+
+        A stop signal from now on (the time limit during the final validation or the final save) is only
+        logged; nothing requeues the job. ``close()`` then ignores the watched signals instead of
+        restoring the handlers it displaced, because submitit's would requeue a finished run (it checkpoints
+        and runs ``scontrol requeue`` on USR2) if the signal came in the last seconds before exit.
+        """
+        self._finished = True
+        if self._received is not None:
+            logger.warning("rank %d: %s arrived after the last step; the run is complete, no requeue",
+                           _rank(), self._received.name)  # fmt: skip
+
     def on_checkpoint_saved(self) -> None:
         """Call on every rank after the stop checkpoint is complete; requeues the job when under Slurm.
 
@@ -248,8 +262,11 @@ class PreemptionHandler:
             logger.error("submitit could not requeue the job (%s); resubmit to resume", e)
 
     def close(self) -> None:
-        """Restore the handlers that were installed before this one."""
+        """Restore the handlers that were installed before this one; after ``run_finished()`` the stop
+        signals are ignored instead (SIGTERM keeps its previous action: a cancel still ends the process)."""
         for sig, prev in self._previous.items():
+            if self._finished and sig != signal.SIGTERM:
+                prev = signal.SIG_IGN
             signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
         self._previous.clear()
 

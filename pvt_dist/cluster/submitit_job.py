@@ -29,6 +29,7 @@ from pathlib import Path
 import submitit
 
 from pvt_dist.cluster import preemption
+from pvt_dist.cluster.distributed import set_thread_budget
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +65,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         # RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR for pvt_dist.cluster.distributed; keep every GPU of the node
         # visible because the engine selects its device from LOCAL_RANK.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+        # torch is already imported here (this module is unpickled by submitit): OMP_NUM_THREADS comes from
+        # the sbatch script's setup lines (build_executor); set_thread_budget() resizes torch's pool anyway.
+        set_thread_budget()
         os.chdir(self.workdir)
         print(f"{env} restart {restarts}: {self.script} {' '.join(self.argv())}", flush=True)
         sys.argv = [self.script, *self.argv()]
@@ -108,6 +111,12 @@ def build_executor(args: argparse.Namespace) -> submitit.AutoExecutor:
         timeout_min=args.timeout_min,
         slurm_signal_delay_s=args.signal_delay_s,
         slurm_additional_parameters={"requeue": True},
+        # Thread counts before any Python starts (torch, OpenMP/MKL and DALI size their pools at start): one
+        # intra-op thread per allotted core, not one per core of the node for every rank.
+        slurm_setup=[
+            f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{args.cpus_per_task}}}",
+            f"export MKL_NUM_THREADS=${{MKL_NUM_THREADS:-{args.cpus_per_task}}}",
+        ],
         # Slurm 22.05's srun does not inherit the allocation's --cpus-per-task.
         slurm_srun_args=[f"--cpus-per-task={args.cpus_per_task}", "--kill-on-bad-exit=1"],
     )

@@ -202,9 +202,14 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def dump_config(cfg: Any, path: str) -> None:
-    """Write the resolved config as YAML (atomically), loadable again with ``load_dataclass``."""
+def dump_config(cfg: Any, path: str, header: str | None = None) -> None:
+    """Write the resolved config as YAML (atomically), loadable again with ``load_dataclass``.
+
+    ``header`` (e.g. the run's plan line) goes on top as YAML comments.
+    """
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
+        if header:
+            f.writelines(f"# {line}\n" for line in header.splitlines())
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     os.replace(tmp, path)

@@ -90,11 +90,14 @@ class DeepSpeedOptions:
     pvt_dist/engine/cpu_bf16.py), "native" uses PyTorch's bf16 kernels, "auto" = fp32 unless the CPU has
     fast bf16 kernels (AVX512-BF16/AMX). No effect on GPU."""
     global_batch: int | None = None
-    """Images per optimizer step over all ranks = micro_batch x grad_accum x world size. None = derived."""
+    """Images per optimizer step over all ranks = micro_batch x grad_accum x world size: the recipe's
+    number, kept at every world size (the lr rule reads it). None = micro_batch x grad_accum x world."""
     micro_batch: int | None = None
-    """Images per rank per forward pass. None = derived."""
+    """Upper bound of the images per rank per forward pass (memory): with a global batch, the largest
+    micro batch <= this that divides global / world is used. None = no cap (global / (accum x world))."""
     grad_accum: int | None = None
-    """Micro batches accumulated per optimizer step. None = derived (1 if it cannot be)."""
+    """Micro batches accumulated per optimizer step. None = derived: global / (micro x world), the fewest
+    that keep the micro batch under its cap (1 without a global batch). Set = honoured as given."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value; None = no clipping."""
     offload_optimizer: Literal["none", "cpu"] = "none"
@@ -238,35 +241,50 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _largest_micro(per_rank: int, cap: int) -> int:
+    """Largest micro batch <= cap that divides the per-rank batch (1 always does)."""
+    return next(m for m in range(min(cap, per_rank), 0, -1) if per_rank % m == 0)
+
+
 def resolve_batch(ds: DeepSpeedOptions, world_size: int) -> tuple[int, int, int]:
-    """(global, micro, accum) with global == micro x accum x world_size; the missing ones are derived."""
+    """(global, micro, accum) with global == micro x accum x world_size.
+
+    Precedence: ``global_batch`` is the recipe's number and is kept at every world size; ``micro_batch`` is
+    an upper bound per rank (memory), and ``grad_accum`` makes up the rest: with accum null the largest
+    micro batch <= the cap that divides global / world is taken. An explicit ``grad_accum`` is honoured
+    (micro = global / (accum x world), which must not exceed the cap). Without a global batch it is
+    ``micro x accum x world``. Only the impossible is refused (e.g. a global batch that the world size
+    does not divide); the message names the key and says what would work.
+    """
     g, m, a = ds.global_batch, ds.micro_batch, ds.grad_accum
     for name, v in (("global_batch", g), ("micro_batch", m), ("grad_accum", a)):
         _check(v is None or v > 0, f"deepspeed.{name}: must be positive, got {v}")
     if m is None and g is None:
         raise ConfigError("deepspeed.micro_batch: set micro_batch or global_batch (both are null)")
-    if m is None:
+    if g is None:
         a = a or 1
-        _check(
-            g % (a * world_size) == 0,
-            f"deepspeed.global_batch: {g} is not divisible by grad_accum {a} x world size {world_size}",
+        return m * a * world_size, m, a
+    if g < world_size or g % world_size:
+        fits = [d for d in range(1, g + 1) if g % d == 0 and d <= 2 * world_size][-3:]
+        lo, hi = g // world_size * world_size, -(-g // world_size) * world_size
+        raise ConfigError(
+            f"deepspeed.global_batch: {g} cannot be split over world size {world_size} (every rank needs "
+            f"the same whole number of images per step); world sizes that divide it: "
+            f"{', '.join(map(str, fits))}; or a global batch of {' or '.join(str(v) for v in (lo, hi) if v)}"
         )
-        m = g // (a * world_size)
-    elif g is None:
-        a = a or 1
-        g = m * a * world_size
-    elif a is None:
-        _check(
-            g % (m * world_size) == 0,
-            f"deepspeed.global_batch: {g} is not divisible by micro_batch {m} x world size {world_size}",
+    per_rank = g // world_size
+    if a is None:
+        micro = per_rank if m is None else _largest_micro(per_rank, m)
+        return g, micro, per_rank // micro
+    if per_rank % a or (m is not None and per_rank // a > m):
+        ok = [d for d in range(1, per_rank + 1) if per_rank % d == 0 and (m is None or per_rank // d <= m)]
+        raise ConfigError(
+            f"deepspeed.global_batch: {g} != micro_batch {m} x grad_accum {a} x world size {world_size} "
+            f"(the per-rank batch {per_rank} needs a micro batch of {per_rank / a:g}"
+            + ("" if m is None else f", cap {m}")
+            + f"); set deepspeed.grad_accum to null to derive it, or to one of {', '.join(map(str, ok[:6]))}"
         )
-        a = g // (m * world_size)
-    _check(
-        g == m * a * world_size,
-        f"deepspeed.global_batch: {g} != micro_batch {m} x grad_accum {a} x world size {world_size} "
-        f"(= {m * a * world_size}); set one of them to null to derive it",
-    )
-    return g, m, a
+    return g, per_rank // a, a
 
 
 def fp32_accum_supported(ds: DeepSpeedOptions) -> bool:
@@ -295,11 +313,15 @@ def check_gpu_options(ds: DeepSpeedOptions) -> None:
         )
 
 
-def _merge_user_deepspeed_json(cfg: TrainConfig) -> None:
-    """Batch, stage and precision in a user's DeepSpeed JSON take part in the same consistency checks."""
+def _merge_user_deepspeed_json(cfg: TrainConfig) -> int | None:
+    """Batch, stage and precision in a user's DeepSpeed JSON take part in the same consistency checks.
+
+    Returns the JSON's ``train_micro_batch_size_per_gpu``: the JSON wins over the generated config, so
+    that micro batch is exact (not a cap) and the resolved batch must use it as is.
+    """
     path = cfg.deepspeed.config_file
     if path is None:
-        return
+        return None
     if not os.path.isfile(path):
         raise ConfigError(f"deepspeed.config_file: file not found: {path}")
     try:
@@ -325,6 +347,7 @@ def _merge_user_deepspeed_json(cfg: TrainConfig) -> None:
     if "gradient_clipping" in user:
         clip = float(user["gradient_clipping"])
         ds.grad_clip = clip if clip > 0 else None
+    return ds.micro_batch if "train_micro_batch_size_per_gpu" in user else None
 
 
 def check_cluster_sections(cfg) -> None:
@@ -353,18 +376,28 @@ def _check_shards(data: DataConfig) -> None:
             raise ConfigError(str(e) if str(e).startswith(key) else f"{key}: {e}") from e
 
 
-def resolve_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
-    """Fill derived values (batch triple, classes, image size) and reject impossible combinations."""
+def resolve_config(cfg: TrainConfig, world_size: int, check_files: bool = True) -> TrainConfig:
+    """Fill derived values (batch triple, classes, image size) and reject impossible combinations.
+
+    ``check_files=False`` (``--plan``) skips the checks that need the data and the pretrained weights on
+    this machine (the shards and ``model.pretrained`` exist); everything else is checked the same.
+    """
     cfg = copy.deepcopy(cfg)
-    _merge_user_deepspeed_json(cfg)
+    json_micro = _merge_user_deepspeed_json(cfg)
     try:
         cfg.data.validate()
     except ValueError as e:
         raise ConfigError(str(e) if str(e).startswith("data.") else f"data: {e}") from e
-    _check_shards(cfg.data)
+    if check_files:
+        _check_shards(cfg.data)
     ds = cfg.deepspeed
     _check(ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {ds.zero_stage}")
     ds.global_batch, ds.micro_batch, ds.grad_accum = resolve_batch(ds, world_size)
+    _check(
+        json_micro is None or ds.micro_batch == json_micro,
+        f"deepspeed.global_batch: {ds.global_batch} is not train_micro_batch_size_per_gpu {json_micro} "
+        f"(exact, from {ds.config_file}) x a whole grad_accum x world size {world_size}",
+    )
     _check(
         ds.grad_clip is None or ds.grad_clip > 0,
         f"deepspeed.grad_clip: must be > 0 or null, got {ds.grad_clip}",
@@ -402,7 +435,7 @@ def resolve_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
         f"model.drop_path_rate: must be in [0, 1), got {m.drop_path_rate}",
     )
     _check(
-        m.pretrained is None or os.path.isfile(m.pretrained),
+        m.pretrained is None or not check_files or os.path.isfile(m.pretrained),
         f"model.pretrained: file not found: {m.pretrained}",
     )
 

@@ -38,6 +38,14 @@ class DataConfig:
     val_samples: int | None = None
     """Samples in the validation split (see `train_samples`)."""
 
+    nominal_train_samples: int | None = None
+    """Samples of the full training split the recipe is written for (ImageNet-1k: 1,281,167). Only
+    `--plan` reads it, to count epochs when the shards cannot be read (e.g. planning a cluster run on a
+    laptop); real runs always count the shards."""
+
+    nominal_val_samples: int | None = None
+    """The same for the validation split (ImageNet-1k: 50,000)."""
+
     train_size: int = 224
     """Side of the square training crop."""
 
@@ -143,7 +151,7 @@ class DataConfig:
             not isinstance(self.fallback_workers, int) or self.fallback_workers < 0
         ):
             bad("fallback_workers", "must be None or an integer >= 0")
-        for name in ("train_samples", "val_samples"):
+        for name in ("train_samples", "val_samples", "nominal_train_samples", "nominal_val_samples"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 bad(name, "must be None or a positive integer")

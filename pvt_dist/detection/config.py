@@ -8,6 +8,7 @@ defaults < YAML (with ``_base_`` includes) < dotted ``key=value`` overrides; err
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 
 from pvt_dist.config import (
@@ -113,20 +114,31 @@ def load_detr_config(path: str | None = None, overrides: list[str] | tuple[str, 
     return load_config(path, overrides, cls=DetrTrainConfig)
 
 
-def resolve_detr_config(cfg: DetrTrainConfig, world_size: int) -> DetrTrainConfig:
-    """Derive the batch triple and check every section; errors start with the offending key."""
+def resolve_detr_config(cfg: DetrTrainConfig, world_size: int, check_files: bool = True) -> DetrTrainConfig:
+    """Derive the batch triple and check every section; errors start with the offending key.
+
+    ``check_files=False`` (``--plan``) accepts a missing annotation file; ``model.num_classes`` must then
+    be set. The batch follows ``pvt_dist.config.resolve_batch`` (global kept, micro as a cap).
+    """
     cfg = copy.deepcopy(cfg)
     try:
         cfg.data.validate()
-        ann = CocoAnnotations(cfg.data.train_ann, cfg.data.train_images)  # bad ground truth fails here
-        if cfg.model.num_classes is None:
-            cfg.model.num_classes = ann.num_classes
-        elif cfg.model.num_classes < ann.num_classes:
+        if check_files or os.path.isfile(cfg.data.train_ann):
+            ann = CocoAnnotations(cfg.data.train_ann, cfg.data.train_images)  # bad ground truth fails here
+            if cfg.model.num_classes is None:
+                cfg.model.num_classes = ann.num_classes
+            elif cfg.model.num_classes < ann.num_classes:
+                raise ValueError(
+                    f"model.num_classes: {cfg.model.num_classes} < {ann.num_classes} categories in "
+                    f"{cfg.data.train_ann}"
+                )
+        elif cfg.model.num_classes is None:
             raise ValueError(
-                f"model.num_classes: {cfg.model.num_classes} < {ann.num_classes} categories in "
-                f"{cfg.data.train_ann}"
+                f"model.num_classes: data.train_ann {cfg.data.train_ann} is not readable; set the class count"
             )
         cfg.model.validate()
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.train_ann: {e}") from e
     except ValueError as e:
         raise ConfigError(str(e)) from e
     ds = cfg.deepspeed
@@ -148,3 +160,20 @@ def resolve_detr_config(cfg: DetrTrainConfig, world_size: int) -> DetrTrainConfi
         raise ConfigError("run_dir: must not be empty")
     check_cluster_sections(cfg)
     return cfg
+
+
+def resolve_detr_schedule(cfg: DetrTrainConfig, train_images: int, world_size: int) -> tuple[int, int, int]:
+    """(steps_per_epoch, total_steps, lr_drop_step) in optimizer steps, from the training split's size.
+
+    An epoch is ceil(ceil(images / world) / micro) // accum steps (every image once per epoch). Runs before
+    any process group (``pvt_dist.cluster.plan``) and in the trainer, with the same numbers.
+    """
+    from .data import batches_per_epoch
+
+    s, ds = cfg.schedule, cfg.deepspeed
+    steps_per_epoch = s.steps_per_epoch or max(
+        1, batches_per_epoch(train_images, world_size, ds.micro_batch) // ds.grad_accum
+    )
+    total = s.total_steps or max(1, round(s.epochs * steps_per_epoch))
+    drop = s.lr_drop_step if s.lr_drop_step is not None else round(s.lr_drop_epoch * steps_per_epoch)
+    return steps_per_epoch, total, drop

@@ -41,6 +41,11 @@ class DetectionDataConfig:
     """COCO JSON of the validation split (evaluated with pycocotools)."""
     val_images: str = ""
     """Folder the validation ``file_name`` entries are relative to."""
+    nominal_train_images: int | None = None
+    """Images of the full training split the recipe is written for (COCO train2017: 118,287). Only
+    ``--plan`` reads it, to count epochs when ``train_ann`` cannot be read; real runs count the file."""
+    nominal_val_images: int | None = None
+    """The same for the validation split (COCO val2017: 5,000)."""
     scale_factor: float = 1.0
     """Multiplies every size below; e.g. 0.25 for quick CPU runs (short side 120-200, max 333)."""
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
@@ -75,6 +80,10 @@ class DetectionDataConfig:
         for key in ("train_ann", "train_images", "val_ann", "val_images"):
             if not getattr(self, key):
                 raise ValueError(f"data.{key}: must be set")
+        for key in ("nominal_train_images", "nominal_val_images"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"data.{key}: must be null or a positive integer, got {v!r}")
         if self.scale_factor <= 0:
             raise ValueError(f"data.scale_factor: must be > 0, got {self.scale_factor}")
         if not self.train_scales or min(self.train_scales) <= 0:
@@ -208,6 +217,11 @@ def _pick_device(cfg: DetectionDataConfig) -> str:
     return cfg.device
 
 
+def batches_per_epoch(num_images: int, world_size: int, micro_batch: int) -> int:
+    """Batches per rank per epoch: ceil(ceil(images / world) / micro); the last one of a rank may be short."""
+    return math.ceil(math.ceil(num_images / world_size) / micro_batch)
+
+
 class DetectionLoader:
     """Iterates ``batches_per_epoch`` padded batches of one rank's shard (see module docstring)."""
 
@@ -234,8 +248,7 @@ class DetectionLoader:
         self.image_root = cfg.train_images if self.train else cfg.val_images
         self.annotations = annotations or CocoAnnotations(ann_file, self.image_root)
         self.num_samples = len(self.annotations)
-        per_rank = math.ceil(self.num_samples / world_size)
-        self.batches_per_epoch = math.ceil(per_rank / micro_batch)
+        self.batches_per_epoch = batches_per_epoch(self.num_samples, world_size, micro_batch)
         self.data_device = _pick_device(cfg)
         lut = np.full(max(self.annotations.cat_to_label) + 1, -1, dtype=np.int64)
         for cat, label in self.annotations.cat_to_label.items():

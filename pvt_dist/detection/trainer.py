@@ -9,6 +9,7 @@ step-decay schedule and COCO evaluation with drawn boxes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -22,7 +23,7 @@ from pvt_dist.engine.cpu_bf16 import fp32_gemm
 from pvt_dist.engine.ds_config import build_deepspeed_config
 from pvt_dist.engine.trainer import Trainer, seed_all
 
-from .config import DetrTrainConfig
+from .config import DetrTrainConfig, resolve_detr_schedule
 from .criterion import build_criterion
 from .data import build_detection_loader
 from .detr import build_detr
@@ -61,11 +62,12 @@ class DetrTrainer(Trainer):
         resume_tag = self.ckpt.resume_tag() if cfg.checkpoint.resume else None
 
         ds = cfg.deepspeed
+        data_cfg = dataclasses.replace(cfg.data, num_threads=self.dali_threads)
         self.train_loader = build_detection_loader(
-            cfg.data, "train", self.rank, self.world, cfg.seed, ds.micro_batch, device
+            data_cfg, "train", self.rank, self.world, cfg.seed, ds.micro_batch, device
         )
         self.val_loader = build_detection_loader(
-            cfg.data, "val", self.rank, self.world, cfg.seed, cfg.eval_micro_batch or ds.micro_batch, device
+            data_cfg, "val", self.rank, self.world, cfg.seed, cfg.eval_micro_batch or ds.micro_batch, device
         )
         self.annotations = self.train_loader.annotations
         if self.val_loader.annotations.label_to_cat != self.annotations.label_to_cat:
@@ -74,13 +76,8 @@ class DetrTrainer(Trainer):
                 f"{self.annotations.label_to_cat}"
             )
         self.mixup = None
-        s = cfg.schedule
-        self.steps_per_epoch = s.steps_per_epoch or max(
-            1, self.train_loader.batches_per_epoch // ds.grad_accum
-        )
-        self.total_steps = s.total_steps or max(1, round(s.epochs * self.steps_per_epoch))
-        drop_step = (
-            s.lr_drop_step if s.lr_drop_step is not None else round(s.lr_drop_epoch * self.steps_per_epoch)
+        self.steps_per_epoch, self.total_steps, drop_step = resolve_detr_schedule(
+            cfg, self.train_loader.num_samples, self.world
         )
 
         seed_all(cfg.seed)  # identical initial weights on every rank
@@ -109,7 +106,7 @@ class DetrTrainer(Trainer):
         )  # fmt: skip
         ds_config = build_deepspeed_config(cfg, device.type)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        self.scheduler = StepDecay(optimizer, drop_step, s.lr_drop_factor)
+        self.scheduler = StepDecay(optimizer, drop_step, cfg.schedule.lr_drop_factor)
 
         self._restore(resume_tag)
         hp = {

@@ -10,7 +10,7 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from pvt_dist.config import TrainConfig, peak_lr
+from pvt_dist.config import ConfigError, TrainConfig, peak_lr
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +57,32 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     return torch.optim.AdamW(groups, fused=impl == "torch_fused" or None, **kwargs)
 
 
-def resolve_schedule(cfg: TrainConfig, loader_batches_per_epoch: int) -> tuple[int, int, int]:
-    """(steps_per_epoch, total_steps, warmup_steps) in optimizer steps."""
-    s = cfg.schedule
-    steps_per_epoch = s.steps_per_epoch or loader_batches_per_epoch // cfg.deepspeed.grad_accum
+def resolve_schedule(cfg: TrainConfig, train_samples: int, world_size: int) -> tuple[int, int, int]:
+    """(steps_per_epoch, total_steps, warmup_steps) in optimizer steps; ConfigError naming the key.
+
+    An epoch is ``(train_samples // world) // micro_batch // grad_accum`` optimizer steps, i.e. the recipe's
+    samples / global batch at every world size. Repeated augmentation does not shorten it: the loader's
+    own epochs are shorter then (it reads 1 / repeated_aug of the images, fewer still when repeated_aug does
+    not divide the micro batch) and the data stream runs on across them. Runs before any process group
+    (``pvt_dist.cluster.plan``) and again in the trainer, with the same numbers.
+    """
+    s, ds = cfg.schedule, cfg.deepspeed
+    batches = (train_samples // world_size) // ds.micro_batch
+    steps_per_epoch = s.steps_per_epoch or batches // ds.grad_accum
     if steps_per_epoch < 1:
-        raise ValueError(
-            f"schedule.steps_per_epoch: the training split gives {loader_batches_per_epoch} micro batches "
-            "per "
-            f"rank, fewer than deepspeed.grad_accum {cfg.deepspeed.grad_accum}; lower the batch or set it"
+        raise ConfigError(
+            f"schedule.steps_per_epoch: {train_samples} training samples give {batches} micro batches of "
+            f"{ds.micro_batch} per rank on {world_size} ranks, fewer than deepspeed.grad_accum "
+            f"{ds.grad_accum}; lower deepspeed.global_batch or set schedule.steps_per_epoch"
         )
     total = s.total_steps or max(1, math.ceil(s.epochs * steps_per_epoch))
     warmup = s.warmup_steps if s.warmup_steps is not None else round(s.warmup_epochs * steps_per_epoch)
     if warmup >= total:
-        raise ValueError(
-            f"schedule.warmup_steps: warmup ({warmup} steps) must be shorter than training ({total})"
+        key = "schedule.warmup_steps" if s.warmup_steps is not None else "schedule.warmup_epochs"
+        length = "schedule.total_steps" if s.total_steps else "schedule.epochs"
+        raise ConfigError(
+            f"{key}: warmup ({warmup} steps) must be shorter than training ({total} steps from {length}; "
+            f"{steps_per_epoch} steps per epoch); shorten the warmup or lengthen the run"
         )
     return steps_per_epoch, total, warmup
 

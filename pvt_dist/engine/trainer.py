@@ -23,6 +23,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from pvt_dist.cluster import distributed as pdist
 from pvt_dist.cluster.distributed import DistEnv
+from pvt_dist.cluster.plan import summary_line
 from pvt_dist.config import TrainConfig, config_hash, dump_config, peak_lr, to_dict
 from pvt_dist.data.stream import RETRIES as STREAM_RETRIES
 from pvt_dist.engine.checkpoint import CheckpointManager, check_writable
@@ -124,6 +125,11 @@ class Trainer:
         )
         prepare_run_dir(self.run_dir, self.rank)
         self.last_eval: dict | None = None
+        # data.num_threads within the rank's CPU budget (--cpus-per-task), which DALI and torch share.
+        self.dali_threads = pdist.dali_threads(cfg.data.num_threads)
+        omp = os.environ.get("OMP_NUM_THREADS")
+        print(f"rank {self.rank}: threads torch {torch.get_num_threads()} (OMP_NUM_THREADS={omp}), "
+              f"DALI {self.dali_threads}, cpu budget {pdist.cpu_budget()}", flush=True)  # fmt: skip
 
     def _restore(self, resume_tag: str | None) -> dict:
         """Resume from ``resume_tag`` (engine, step, RNG, data position) or start at step 0.
@@ -150,7 +156,8 @@ class Trainer:
     def _open_logs(self, hparams: dict, hparam_metrics: list[str]) -> None:
         """Write config.yaml; open TensorBoard (appending on resume), with hparams on a fresh run."""
         if self.rank == 0:
-            dump_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+            header = summary_line(self.cfg, self.world)  # the line rank 0 printed at launch
+            dump_config(self.cfg, os.path.join(self.run_dir, "config.yaml"), header=header)
         self.logger = MetricLogger(
             self.run_dir, self.rank == 0, self.cfg.logging.tensorboard, self.step, self.total_steps
         )
@@ -170,18 +177,19 @@ class Trainer:
         resume_tag = self.ckpt.resume_tag() if cfg.checkpoint.resume else None
 
         ds = cfg.deepspeed
+        data_cfg = cfg.data.replace(num_threads=self.dali_threads)
         self.train_loader = build_loader(
-            cfg.data, split="train", rank=self.rank, world_size=self.world, seed=cfg.seed,
+            data_cfg, split="train", rank=self.rank, world_size=self.world, seed=cfg.seed,
             micro_batch=ds.micro_batch, device=device,
         )  # fmt: skip
         self.val_loader = build_loader(
-            cfg.data, split="val", rank=self.rank, world_size=self.world, seed=cfg.seed,
+            data_cfg, split="val", rank=self.rank, world_size=self.world, seed=cfg.seed,
             micro_batch=ds.micro_batch, device=device,
         )  # fmt: skip
         self.mixup = build_mixup(cfg.data)
         self.criterion = build_criterion(cfg, self.mixup)
         self.steps_per_epoch, self.total_steps, self.warmup_steps = resolve_schedule(
-            cfg, self.train_loader.batches_per_epoch
+            cfg, self.train_loader.num_samples, self.world
         )
 
         # Same seed on every rank: identical initial weights without relying on a broadcast.
@@ -413,6 +421,8 @@ class Trainer:
             if save_due:
                 self.save()
         if not stopped:
+            if self.preemption is not None:
+                self.preemption.run_finished()  # a signal during the final eval/save must not requeue
             if cfg.eval.at_end or self._due(cfg.eval.every_steps):
                 self.validate()
             if self.last_saved != self.step:

@@ -196,7 +196,9 @@ def init_weights(module: nn.Module) -> None:
 
 def drop_path_schedule(rate: float, depths: list[int]) -> list[list[float]]:
     """Stochastic depth rising linearly from 0 to ``rate`` over all blocks, split per stage."""
-    rates = torch.linspace(0, rate, sum(depths)).tolist()
+    # On the CPU explicitly: models are also built under a meta-device context (pvt_dist.cluster.plan counts
+    # parameters that way), where a default-device tensor would have no values to read.
+    rates = torch.linspace(0, rate, sum(depths), device="cpu").tolist()
     out, start = [], 0
     for d in depths:
         out.append(rates[start : start + d])
