@@ -157,7 +157,10 @@ def doc_commands() -> list[str]:
     """Shell commands in the fenced blocks of README.md and slurm/README.md and the scripts' usage lines."""
     blocks = []
     for doc in ("README.md", "slurm/README.md"):
-        blocks += re.findall(r"```(?:bash|sh)?\n(.*?)```", (ROOT / doc).read_text(), re.S)
+        # Every fenced block (any info string), so that e.g. a ```python block cannot shift the pairing.
+        for info, body in re.findall(r"^```(\w*)\n(.*?)^```", (ROOT / doc).read_text(), re.S | re.M):
+            if info in ("", "bash", "sh"):
+                blocks.append(body)
     for script in SCRIPTS.values():
         blocks.append(
             "\n".join(line[3:] for line in script.read_text().splitlines() if line.startswith("#   "))
@@ -165,7 +168,8 @@ def doc_commands() -> list[str]:
     commands = []
     for block in blocks:
         joined = re.sub(r"\\\n\s*", " ", block)
-        commands += [line.split(" #")[0].strip() for line in joined.splitlines() if line.strip()]
+        lines = (line.split(" #")[0].strip() for line in joined.splitlines())
+        commands += [line for line in lines if line and not line.startswith("#")]
     return commands
 
 
