@@ -430,8 +430,8 @@ def test_sbatch_finetune_detr_preempted_resumes(cluster, tmp_path):
 def test_scancel_without_signal_saves_and_resubmission_resumes(cluster, fmnist_shards, tmp_path):
     """`scancel JOB` with no --signal: Slurm sends SIGTERM to the tasks and the batch shell, then SIGKILL
     after KillWait (10 s on the local cluster, 30 s by default). The tasks agree on the stop within
-    preemption.check_every_s, save and exit before KillWait; the job must not be requeued; resubmitting the same run resumes from the
-    stop checkpoint and finishes exactly."""
+    preemption.check_every_s, save and exit before KillWait; the job must not be requeued; resubmitting
+    the same run resumes from the stop checkpoint and finishes exactly."""
     import re
 
     run_dir = tmp_path / "run"
