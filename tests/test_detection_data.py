@@ -249,7 +249,7 @@ def test_flipped_and_cropped_boxes_cover_their_objects(tmp_path):
             rgb = (images[0, :, :h, :w] * std + mean) * 255  # [3, h, w]
             cropped += abs(w / h - 320 / 240) > 0.03  # a crop window changes the aspect ratio
             labels = targets[0]["labels"].tolist()
-            for label, (color, _) in enumerate((objects[1][1], objects[2][1])):
+            for label, color in enumerate((objects[1][1], objects[2][1])):
                 c = torch.tensor(color, dtype=torch.float32)[:, None, None]
                 hit = ((rgb - c).abs().max(0).values < 60).nonzero()  # [K, 2] (y, x)
                 if label not in labels:

@@ -143,7 +143,7 @@ def _flock_held_elsewhere(path: str) -> bool:
 LIVE_JOB_STATES = ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING")
 
 
-def slurm_job_state(job_id: str) -> str | None:
+def _slurm_job_state(job_id: str) -> str | None:
     """JobState of ``job_id`` from ``scontrol``; ``ENDED`` once Slurm forgot it; None if Slurm can't tell."""
     try:
         proc = subprocess.run(
@@ -168,7 +168,7 @@ def why_stale(holder: Holder, path: str, now: float | None = None) -> str | None
     if holder.host == socket.gethostname() and not _pid_alive(holder.pid) and not _flock_held_elsewhere(path):
         return f"pid {holder.pid} on {holder.host} is gone"
     if holder.job_id is not None and holder.job_id != job_id:
-        state = slurm_job_state(holder.job_id)
+        state = _slurm_job_state(holder.job_id)
         if state is not None and state not in LIVE_JOB_STATES:
             return f"its Slurm job {holder.job_id} is {state}"
     age = now - holder.heartbeat

@@ -56,7 +56,7 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-from pvt_dist.cluster.lease import slurm_job_id, slurm_job_state
+from pvt_dist.cluster.lease import slurm_job_id
 
 logger = logging.getLogger(__name__)
 
@@ -220,14 +220,6 @@ class PreemptionHandler:
 
     def _scontrol_requeue(self, job_id: str) -> None:
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-        # `scancel` sends the same SIGTERM as a preemption, but Slurm would also requeue a cancelled job:
-        # a user's cancel must end it.
-        state = slurm_job_state(job_id)
-        if state is not None and state.startswith("CANCELLED"):
-            logger.warning(
-                "Slurm job %s was cancelled: not requeueing; resubmit to resume from the checkpoint", job_id
-            )
-            return
         logger.warning("requeueing Slurm job %s (restart count so far: %s)", job_id, restarts)
         try:
             proc = subprocess.run(
