@@ -171,6 +171,8 @@ def doc_commands() -> list[str]:
 
 def cluster_example(cmd: str) -> tuple[str, list[str]] | None:
     """(entry point, plan arguments) of a cluster launch command, None for other commands."""
+    if not re.search(r"\bsbatch\b|launch/submit\.py|--num_gpus|--nproc_per_node|--plan\b", cmd):
+        return None
     words = shlex.split(cmd)
     env = {}
     while words and re.match(r"^[A-Z_]+=", words[0]):
