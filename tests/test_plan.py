@@ -157,7 +157,17 @@ def doc_commands() -> list[str]:
     """Shell commands in the fenced blocks of README.md and slurm/README.md and the scripts' usage lines."""
     blocks = []
     for doc in ("README.md", "slurm/README.md"):
-        blocks += re.findall(r"```(?:bash|sh)?\n(.*?)```", (ROOT / doc).read_text(), re.S)
+        lang = None  # inside a fence: its language ("" when none)
+        for line in (ROOT / doc).read_text().splitlines():
+            if line.startswith("```"):
+                if lang is None:
+                    lang = line[3:].strip()
+                    blocks.append([])
+                else:
+                    lang = None
+            elif lang in ("", "bash", "sh"):
+                blocks[-1].append(line)
+    blocks = ["\n".join(b) for b in blocks]
     for script in SCRIPTS.values():
         blocks.append(
             "\n".join(line[3:] for line in script.read_text().splitlines() if line.startswith("#   "))
