@@ -157,10 +157,17 @@ def doc_commands() -> list[str]:
     """Shell commands in the fenced blocks of README.md and slurm/README.md and the scripts' usage lines."""
     blocks = []
     for doc in ("README.md", "slurm/README.md"):
-        # Every fenced block (any info string), so that e.g. a ```python block cannot shift the pairing.
-        for info, body in re.findall(r"^```(\w*)\n(.*?)^```", (ROOT / doc).read_text(), re.S | re.M):
-            if info in ("", "bash", "sh"):
-                blocks.append(body)
+        lang = None  # inside a fence: its language ("" when none)
+        for line in (ROOT / doc).read_text().splitlines():
+            if line.startswith("```"):
+                if lang is None:
+                    lang = line[3:].strip()
+                    blocks.append([])
+                else:
+                    lang = None
+            elif lang in ("", "bash", "sh"):
+                blocks[-1].append(line)
+    blocks = ["\n".join(b) for b in blocks]
     for script in SCRIPTS.values():
         blocks.append(
             "\n".join(line[3:] for line in script.read_text().splitlines() if line.startswith("#   "))
@@ -168,13 +175,14 @@ def doc_commands() -> list[str]:
     commands = []
     for block in blocks:
         joined = re.sub(r"\\\n\s*", " ", block)
-        lines = (line.split(" #")[0].strip() for line in joined.splitlines())
-        commands += [line for line in lines if line and not line.startswith("#")]
+        commands += [line.split(" #")[0].strip() for line in joined.splitlines() if line.strip()]
     return commands
 
 
 def cluster_example(cmd: str) -> tuple[str, list[str]] | None:
     """(entry point, plan arguments) of a cluster launch command, None for other commands."""
+    if not re.search(r"\bsbatch\b|launch/submit\.py|--num_gpus|--nproc_per_node|--plan\b", cmd):
+        return None
     words = shlex.split(cmd)
     env = {}
     while words and re.match(r"^[A-Z_]+=", words[0]):
