@@ -16,6 +16,7 @@ from pvt_dist.config.train import (
     OptimConfig,
     ScheduleConfig,
     TrainConfig,
+    check_logging,
     load_config,
     peak_lr,
     resolve_batch,
@@ -24,6 +25,7 @@ from pvt_dist.config.train import (
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DeepSpeedOptions", "DistConfig", "EMAConfig", "EvalConfig",
-    "LoggingConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig", "coerce", "config_hash",
+    "LoggingConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig", "check_logging", "coerce",
+    "config_hash",
     "dump_config", "load_config", "load_dataclass", "peak_lr", "resolve_batch", "resolve_config", "to_dict",
 ]  # fmt: skip

@@ -17,6 +17,7 @@ from pvt_dist.config import (
     DistConfig,
     EvalConfig,
     LoggingConfig,
+    check_logging,
     load_config,
     resolve_batch,
 )
@@ -137,4 +138,5 @@ def resolve_detr_config(cfg: DetrTrainConfig, world_size: int) -> DetrTrainConfi
         raise ConfigError(f"eval_micro_batch: must be >= 1, got {cfg.eval_micro_batch}")
     if not cfg.run_dir:
         raise ConfigError("run_dir: must not be empty")
+    check_logging(cfg.logging)
     return cfg
