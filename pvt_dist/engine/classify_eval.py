@@ -267,13 +267,13 @@ def evaluate_weights(args) -> dict:
     data = data_config(settings, args, classes)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[settings.precision]
 
+    if settings.precision == "fp16" and not torch.cuda.is_available():
+        raise EvalInputError("--precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
     env = pdist.detect_env()
     if env.world_size > 1:
         env, device = pdist.init_distributed(DistConfig(backend=args.dist_backend), env)
     else:
         device = pdist.device_for(env)
-    if settings.precision == "fp16" and device.type != "cuda":
-        raise EvalInputError("--precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
     model.to(device=device, dtype=dtype)
     loader = build_loader(
         data, "val", env.rank, env.world_size, micro_batch=args.batch, device=device, return_keys=True
