@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -125,6 +126,12 @@ class StepProfiler:
         )
         self.prof.start()
         log.info("profiling steps %d-%d into %s", step, self.last, self.dir)
+
+    def region(self, step: int):
+        """Context naming the step ``train_step {step}`` in the trace (nothing when not profiling)."""
+        if self.prof is None:
+            return contextlib.nullcontext()
+        return torch.profiler.record_function(f"train_step {step}")
 
     def after_step(self, step: int) -> None:
         """Called with the number of the step that just ran."""

@@ -360,7 +360,8 @@ class Trainer:
     def profiled_step(self) -> tuple[torch.Tensor, float, float]:
         """``train_step`` inside the ``logging.profile_steps`` trace when its step is in range."""
         self.profiler.before_step(self.step + 1)
-        out = self.train_step()
+        with self.profiler.region(self.step + 1):
+            out = self.train_step()
         self.profiler.after_step(self.step + 1)
         return out
 
