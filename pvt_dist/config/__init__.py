@@ -20,6 +20,7 @@ from pvt_dist.config.train import (
     TrainConfig,
     check_cluster_sections,
     check_gpu_options,
+    check_logging,
     load_config,
     peak_lr,
     resolve_batch,
@@ -27,9 +28,9 @@ from pvt_dist.config.train import (
 )
 
 __all__ = [
-    "check_cluster_sections", "check_gpu_options", "CheckpointConfig", "coerce", "config_hash",
-    "ConfigError", "DeepSpeedOptions", "DistConfig", "dump_config", "EMAConfig", "EvalConfig",
-    "LeaseConfig", "load_config", "load_dataclass", "LoggingConfig", "ModelConfig", "OptimConfig",
-    "peak_lr", "PreemptionConfig", "resolve_batch", "resolve_config", "ScheduleConfig", "to_dict",
-    "TrainConfig",
+    "check_cluster_sections", "check_gpu_options", "check_logging", "CheckpointConfig", "coerce",
+    "config_hash", "ConfigError", "DeepSpeedOptions", "DistConfig", "dump_config", "EMAConfig",
+    "EvalConfig", "LeaseConfig", "load_config", "load_dataclass", "LoggingConfig", "ModelConfig",
+    "OptimConfig", "peak_lr", "PreemptionConfig", "resolve_batch", "resolve_config", "ScheduleConfig",
+    "to_dict", "TrainConfig",
 ]  # fmt: skip

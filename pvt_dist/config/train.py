@@ -174,6 +174,12 @@ class LoggingConfig:
     """Write TensorBoard events to ``RUN_DIR/tensorboard`` (rank 0 only)."""
     deepspeed_log_level: Literal["debug", "info", "warning", "error"] = "warning"
     """Verbosity of DeepSpeed's own logger."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s per device that ``perf/mfu`` divides by (989 = H100/H200 dense bf16); None measures a
+    short matmul in the training GEMM dtype at start (an achievable peak, so MFU reads higher)."""
+    profile_steps: list[int] | None = None
+    """``[a, b]``: trace optimizer steps a..b (1-based, inclusive) with torch.profiler into
+    ``RUN_DIR/profile/`` (Chrome/TensorBoard trace per rank; on GPU also a CUDA memory snapshot)."""
 
 
 @dataclass
@@ -376,6 +382,24 @@ def _check_shards(data: DataConfig) -> None:
             raise ConfigError(str(e) if str(e).startswith(key) else f"{key}: {e}") from e
 
 
+def check_logging(lg: LoggingConfig) -> None:
+    """The ``logging`` section, shared by both stages."""
+    _check(lg.log_every > 0, f"logging.log_every: must be positive, got {lg.log_every}")
+    _check(
+        lg.sync_every is None or lg.sync_every > 0,
+        f"logging.sync_every: must be positive or null, got {lg.sync_every}",
+    )
+    _check(
+        lg.peak_tflops is None or lg.peak_tflops > 0,
+        f"logging.peak_tflops: must be positive or null, got {lg.peak_tflops}",
+    )
+    p = lg.profile_steps
+    _check(
+        p is None or (len(p) == 2 and all(isinstance(v, int) for v in p) and 1 <= p[0] <= p[1]),
+        f"logging.profile_steps: must be null or [first, last] steps with 1 <= first <= last, got {p}",
+    )
+
+
 def resolve_config(cfg: TrainConfig, world_size: int, check_files: bool = True) -> TrainConfig:
     """Fill derived values (batch triple, classes, image size) and reject impossible combinations.
 
@@ -481,11 +505,7 @@ def resolve_config(cfg: TrainConfig, world_size: int, check_files: bool = True) 
         not (cfg.ema.enabled and ds.zero_stage == 3),
         "ema.enabled: not supported with deepspeed.zero_stage 3 (parameters are partitioned); use stage 0-2",
     )
-    _check(cfg.logging.log_every > 0, f"logging.log_every: must be positive, got {cfg.logging.log_every}")
-    _check(
-        cfg.logging.sync_every is None or cfg.logging.sync_every > 0,
-        f"logging.sync_every: must be positive or null, got {cfg.logging.sync_every}",
-    )
+    check_logging(cfg.logging)
     check_cluster_sections(cfg)
     _check(cfg.dist.timeout_s > 0, f"dist.timeout_s: must be positive, got {cfg.dist.timeout_s}")
     import torch

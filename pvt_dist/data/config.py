@@ -103,7 +103,9 @@ class DataConfig:
     """...and for at most this many seconds in all per shard (backoff 1, 2, 4, ... s, capped at 30 s)."""
 
     rand_augment: str | None = None
-    """timm-style RandAugment spec, e.g. "rand-m9-mstd0.5-inc1" (DALI ignores mstd/inc); None disables it."""
+    """timm-style RandAugment spec, e.g. "rand-m9-mstd0.5-inc1"; None disables it. The fallback backend runs
+    timm's own policy; DALI's rand_augment differs from it (weaker magnitudes, no mstd noise or Invert /
+    SolarizeAdd: see docs/data_fidelity.md)."""
 
     random_erase: float = 0.0
     """Probability of timm RandomErasing (per-pixel noise) applied to each training image on the device."""

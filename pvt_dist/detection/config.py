@@ -22,6 +22,7 @@ from pvt_dist.config import (
     PreemptionConfig,
     check_cluster_sections,
     check_gpu_options,
+    check_logging,
     load_config,
     resolve_batch,
 )
@@ -159,6 +160,7 @@ def resolve_detr_config(cfg: DetrTrainConfig, world_size: int, check_files: bool
     if not cfg.run_dir:
         raise ConfigError("run_dir: must not be empty")
     check_cluster_sections(cfg)
+    check_logging(cfg.logging)
     return cfg
 
 

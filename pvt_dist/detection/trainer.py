@@ -85,6 +85,7 @@ class DetrTrainer(Trainer):
         if resume_tag is not None and model_cfg.backbone.pretrained:
             model_cfg = to_model_cfg_without_pretrained(model_cfg)  # the checkpoint holds the weights
         model = build_detr(model_cfg)
+        self._setup_perf(model, *self.flops_sample(cfg.data))
         self.criterion = build_criterion(
             cfg.loss, model_cfg.num_classes, model_cfg.transformer.num_decoder_layers, model_cfg.aux_loss
         ).to(device)
@@ -146,6 +147,13 @@ class DetrTrainer(Trainer):
     def client_state(self) -> dict:
         return {"step": self.step}
 
+    @staticmethod
+    def flops_sample(data) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image at the largest training scale, 4:3 landscape (long side capped), and its mask."""
+        short = data.scaled(max(data.train_scales))
+        long = min(round(short * 4 / 3), data.scaled(data.max_size))
+        return torch.zeros(1, 3, short, long), torch.zeros(1, short, long, dtype=torch.bool)
+
     def train_step(self) -> tuple[torch.Tensor, float, float]:
         t0 = time.perf_counter()
         self.scheduler.step_update(self.step)
@@ -156,12 +164,14 @@ class DetrTrainer(Trainer):
             t_data = time.perf_counter()
             images, mask, targets, _infos = next(self.stream)  # [B, 3, H, W], [B, H, W], B dicts
             wait += time.perf_counter() - t_data
-            with fp32_gemm(self.fp32_gemm):  # bf16 storage, fp32 math on CPUs without bf16 kernels
-                outputs = self.engine(images.to(self.dtype), mask)
-            losses = self.criterion(outputs, targets)
-            loss = self.criterion.total(losses)
-            self.engine.backward(loss)
-            self.engine.step()
+            with self.phases.phase("fwd_bwd"):
+                with fp32_gemm(self.fp32_gemm):  # bf16 storage, fp32 math on CPUs without bf16 kernels
+                    outputs = self.engine(images.to(self.dtype), mask)
+                losses = self.criterion(outputs, targets)
+                loss = self.criterion.total(losses)
+                self.engine.backward(loss)
+            with self.phases.phase("optim_step"):
+                self.engine.step()
             terms = [loss, losses["loss_ce"], losses["loss_bbox"], losses["loss_giou"]]
             sums += torch.stack([t.detach().float() for t in terms])
         sums /= accum

@@ -32,6 +32,7 @@ from pvt_dist.engine.ds_config import build_deepspeed_config
 from pvt_dist.engine.evaluate import evaluate
 from pvt_dist.engine.logger import MetricLogger, memory_mb
 from pvt_dist.engine.optim import build_optimizer, build_param_groups, build_scheduler, resolve_schedule
+from pvt_dist.engine.perf import PhaseTimer, StepProfiler, measured_peak_tflops, model_flops_per_image
 from pvt_dist.engine.tf32 import apply_tf32
 
 log = logging.getLogger("pvt_dist.train")
@@ -130,6 +131,22 @@ class Trainer:
         omp = os.environ.get("OMP_NUM_THREADS")
         print(f"rank {self.rank}: threads torch {torch.get_num_threads()} (OMP_NUM_THREADS={omp}), "
               f"DALI {self.dali_threads}, cpu budget {pdist.cpu_budget()}", flush=True)  # fmt: skip
+        self.phases = PhaseTimer(device)
+        self.profiler = StepProfiler(cfg.logging.profile_steps, self.run_dir, self.rank, device)
+
+    def _setup_perf(self, model: torch.nn.Module, *sample: torch.Tensor) -> None:
+        """FLOPs of one training image (``sample``: batch-1 inputs, CPU) and the peak MFU divides by."""
+        self.flops_per_image = model_flops_per_image(model, *sample)
+        self.peak_tflops = self.cfg.logging.peak_tflops
+        peak_src = "logging.peak_tflops"
+        if self.peak_tflops is None:
+            gemm_dtype = torch.float32 if self.fp32_gemm else self.dtype
+            self.peak_tflops = measured_peak_tflops(self.device, gemm_dtype)
+            peak_src = f"measured {str(gemm_dtype).removeprefix('torch.')} matmul"
+        log.info(
+            "%.3g GFLOPs per training image (3 x forward) | peak %.3g TFLOP/s per device (%s)",
+            self.flops_per_image / 1e9, self.peak_tflops, peak_src,
+        )  # fmt: skip
 
     def _restore(self, resume_tag: str | None) -> dict:
         """Resume from ``resume_tag`` (engine, step, RNG, data position) or start at step 0.
@@ -199,6 +216,8 @@ class Trainer:
         if m.drop_path_rate is not None:
             kwargs["drop_path_rate"] = m.drop_path_rate
         model = build_model(m.name, **kwargs)
+        channels = 3 if cfg.data.gray_to_rgb else 1
+        self._setup_perf(model, torch.zeros(1, channels, m.img_size, m.img_size))
         if m.pretrained and resume_tag is None:
             report = load_pretrained(model, m.pretrained)
             log.info(
@@ -283,7 +302,9 @@ class Trainer:
             **self.checkpoint_identity(),
         }
         self._check_finite_weights()
+        t0 = time.perf_counter()
         path = self.ckpt.save(self.engine, self.step, self.client_state(), rank_state, meta)
+        self.logger.scalars(self.step, {"perf/checkpoint_save_s": time.perf_counter() - t0}, "checkpoint")
         self.last_saved = self.step
         return path
 
@@ -337,13 +358,23 @@ class Trainer:
             targets = labels
             if self.mixup is not None:
                 images, targets = self.mixup(images, labels)  # targets [B, classes]
-            with fp32_gemm(self.fp32_gemm):
-                logits = self.engine(images.to(self.dtype))
-            loss = self.criterion(logits.float(), targets)
-            self.engine.backward(loss)
-            self.engine.step()
+            with self.phases.phase("fwd_bwd"):
+                with fp32_gemm(self.fp32_gemm):
+                    logits = self.engine(images.to(self.dtype))
+                loss = self.criterion(logits.float(), targets)
+                self.engine.backward(loss)
+            with self.phases.phase("optim_step"):
+                self.engine.step()
             loss_sum += loss.detach().float()
         return loss_sum / self.cfg.deepspeed.grad_accum, wait, time.perf_counter() - t0
+
+    def profiled_step(self) -> tuple[torch.Tensor, float, float]:
+        """``train_step`` inside the ``logging.profile_steps`` trace when its step is in range."""
+        self.profiler.before_step(self.step + 1)
+        with self.profiler.region(self.step + 1):
+            out = self.train_step()
+        self.profiler.after_step(self.step + 1)
+        return out
 
     @property
     def sync_every(self) -> int:
@@ -394,7 +425,7 @@ class Trainer:
                 stopped = True
                 self.preemption.on_checkpoint_saved()
                 break
-            local_loss, wait, step_time = self.train_step()
+            local_loss, wait, step_time = self.profiled_step()
             self.step += 1
             # One all-reduce per step: the global loss and an agreed verdict on non-finite values, left on
             # the device until the next sync point.
@@ -443,12 +474,19 @@ class Trainer:
     def _log_window(self, w: dict, lr: float) -> None:
         n_steps = max(w["steps"], 1)
         step_time = w["time"] / n_steps
+        images_per_s = self.cfg.deepspeed.global_batch / max(step_time, 1e-9)
+        tflops = self.flops_per_image * images_per_s / self.world / 1e12
+        phases = self.phases.collect()  # the loop synced in _drain: the CUDA events are done
         values = {
             "train/loss": w["loss"] / max(w["n"], 1),
             "train/lr": lr,
-            "perf/images_per_s": self.cfg.deepspeed.global_batch / max(step_time, 1e-9),
+            "perf/images_per_s": images_per_s,
+            "perf/tflops_per_gpu": tflops,
+            "perf/mfu": 100.0 * tflops / self.peak_tflops,
             "perf/step_time_s": step_time,
             "perf/data_wait_s": w["wait"] / n_steps,
+            "perf/fwd_bwd_s": phases.get("fwd_bwd", 0.0) / n_steps,
+            "perf/optim_step_s": phases.get("optim_step", 0.0) / n_steps,
             "perf/memory_mb": memory_mb(self.device),
             "train/epoch": self.step / self.steps_per_epoch,
             "data/stream_retries": float(STREAM_RETRIES["count"]),  # streamed shards reopened so far
@@ -462,11 +500,18 @@ class Trainer:
             values["train/loss_scale"] = float(scale) if scale is not None else None
             values["train/skipped_steps"] = float(self.engine.skipped_steps)
         self.logger.scalars(self.step, values, "train")
-        hidden = ("train/epoch", "perf/memory_mb", "data/stream_retries")
+        hidden = (
+            "train/epoch",
+            "perf/memory_mb",
+            "data/stream_retries",
+            "perf/fwd_bwd_s",
+            "perf/optim_step_s",
+        )
         shown = {k: v for k, v in values.items() if k not in hidden}
         self.logger.console(self.step, self.step / self.steps_per_epoch, shown)
 
     def close(self) -> None:
+        self.profiler.stop()  # a run that ended inside profile_steps still writes its trace
         self.logger.close()
         if self.ema is not None:
             self.ema = None

@@ -23,18 +23,24 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: torch.nn.Module, size: int | tuple[int, int], batch: int = 1) -> int:
-    """Forward FLOPs of ``model`` on a ``batch`` of 3 x size images."""
-    h, w = (size, size) if isinstance(size, int) else size
-    x = torch.zeros(batch, 3, h, w)
+def forward_flops(model: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """Forward FLOPs of ``model(*inputs)`` in eval mode (drop path and dropout off)."""
     was_training = model.training
     model.eval()
     # The fused CPU attention kernel is invisible to the counter; the math backend decomposes attention
     # into matmuls it does count (the authors' tables include the attention products).
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x)
-    model.train(was_training)
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(*inputs)
+    finally:
+        model.train(was_training)
     return counter.get_total_flops()
+
+
+def count_flops(model: torch.nn.Module, size: int | tuple[int, int], batch: int = 1) -> int:
+    """Forward FLOPs of ``model`` on a ``batch`` of 3 x size images."""
+    h, w = (size, size) if isinstance(size, int) else size
+    return forward_flops(model, torch.zeros(batch, 3, h, w))
 
 
 def summarize(names: list[str], size: int, num_classes: int = 1000) -> list[dict]:
