@@ -35,6 +35,9 @@ class DetrOptimConfig:
     """Learning rate of the transformer, projections and heads."""
     backbone_lr: float = 1e-5
     """Learning rate of the PVT backbone."""
+    linear_proj_lr_mult: float = 0.1
+    """Deformable head: the sampling-offset and reference-point projections train at lr times this
+    (Deformable-DETR: 0.1). The DETR head has no such parameters."""
     weight_decay: float = 1e-4
     """AdamW weight decay (all parameters, as in DETR)."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -119,6 +122,7 @@ def resolve_detr_config(cfg: DetrTrainConfig, world_size: int) -> DetrTrainConfi
                 f"{cfg.data.train_ann}"
             )
         cfg.model.validate()
+        cfg.loss.resolve(cfg.model.head)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     ds = cfg.deepspeed
@@ -128,7 +132,8 @@ def resolve_detr_config(cfg: DetrTrainConfig, world_size: int) -> DetrTrainConfi
         raise ConfigError(f"deepspeed.grad_clip: must be > 0 or null, got {ds.grad_clip}")
     ds.global_batch, ds.micro_batch, ds.grad_accum = resolve_batch(ds, world_size)
     o, s = cfg.optim, cfg.schedule
-    for key, v in (("optim.lr", o.lr), ("optim.backbone_lr", o.backbone_lr)):
+    for key, v in (("optim.lr", o.lr), ("optim.backbone_lr", o.backbone_lr),
+                   ("optim.linear_proj_lr_mult", o.linear_proj_lr_mult)):  # fmt: skip
         if v < 0:
             raise ConfigError(f"{key}: must be >= 0, got {v}")
     if not 0 < s.lr_drop_factor <= 1:
