@@ -5,12 +5,21 @@ import math
 import pytest
 import torch
 
-from pvt_dist.detection import BackboneConfig, DETRConfig, LossConfig, PostProcess, build_criterion, build_detector
+from pvt_dist.detection import (
+    BackboneConfig,
+    DETRConfig,
+    LossConfig,
+    PostProcess,
+    build_criterion,
+    build_detector,
+)
 from pvt_dist.detection.deformable_detr import load_deformable_detr_weights
 from pvt_dist.detection.deformable_transformer import DeformableTransformerConfig
 from pvt_dist.detection.matcher import HungarianMatcher
 
-SMALL = dict(d_model=64, nhead=4, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=128, dropout=0.0)
+SMALL = dict(
+    d_model=64, nhead=4, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=128, dropout=0.0
+)
 
 
 def _model(**kw):
@@ -75,7 +84,9 @@ def test_param_groups_split_linear_projections():
 def test_postprocess_keeps_top_k_query_class_pairs():
     logits = torch.tensor([[[0.0, 3.0], [2.0, 1.0], [-1.0, -2.0]]])  # [B=1, Q=3, K=2]
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.25, 0.25, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])
-    det = PostProcess("sigmoid", top_k=3)({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]))[0]
+    det = PostProcess("sigmoid", top_k=3)(
+        {"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]])
+    )[0]
     # Best pairs: (q0, class 1) 3.0, (q1, class 0) 2.0, (q1, class 1) 1.0.
     assert det["labels"].tolist() == [1, 0, 1]
     torch.testing.assert_close(det["scores"], torch.tensor([3.0, 2.0, 1.0]).sigmoid())
@@ -119,8 +130,8 @@ def test_focal_matcher_cost_and_loss_by_hand():
 
 
 def deformable_detr_reference_keys() -> dict[str, tuple[int, ...]]:
-    """State dict of Deformable-DETR's R50 COCO model (``--num_feature_levels 4``, no box refine, no two-stage,
-    91 classes, 300 queries), written out from the reference's module definitions; the ResNet is
+    """State dict of Deformable-DETR's R50 COCO model (``--num_feature_levels 4``, no box refine, no
+    two-stage, 91 classes, 300 queries), written out from the reference's module definitions; the ResNet is
     represented by a few of its keys."""
     keys: dict[str, tuple[int, ...]] = {
         "backbone.0.body.conv1.weight": (64, 3, 7, 7),
@@ -137,7 +148,12 @@ def deformable_detr_reference_keys() -> dict[str, tuple[int, ...]]:
         "value_proj.weight": (256, 256), "value_proj.bias": (256,),
         "output_proj.weight": (256, 256), "output_proj.bias": (256,),
     }  # fmt: skip
-    ffn = {"linear1.weight": (1024, 256), "linear1.bias": (1024,), "linear2.weight": (256, 1024), "linear2.bias": (256,)}
+    ffn = {
+        "linear1.weight": (1024, 256),
+        "linear1.bias": (1024,),
+        "linear2.weight": (256, 1024),
+        "linear2.bias": (256,),
+    }
     norm = {"weight": (256,), "bias": (256,)}
     for i in range(6):
         enc = f"transformer.encoder.layers.{i}."
@@ -154,7 +170,9 @@ def deformable_detr_reference_keys() -> dict[str, tuple[int, ...]]:
         keys.update({f"{dec}{n}.{k}": v for n in ("norm1", "norm2", "norm3") for k, v in norm.items()})
         keys.update({f"class_embed.{i}.weight": (91, 256), f"class_embed.{i}.bias": (91,)})
         for j, shape in enumerate([(256, 256), (256, 256), (4, 256)]):
-            keys.update({f"bbox_embed.{i}.layers.{j}.weight": shape, f"bbox_embed.{i}.layers.{j}.bias": shape[:1]})
+            keys.update(
+                {f"bbox_embed.{i}.layers.{j}.weight": shape, f"bbox_embed.{i}.layers.{j}.bias": shape[:1]}
+            )
     for lvl, c in enumerate((512, 1024, 2048)):
         keys.update({f"input_proj.{lvl}.0.weight": (256, c, 1, 1), f"input_proj.{lvl}.0.bias": (256,)})
         keys.update({f"input_proj.{lvl}.1.{k}": v for k, v in norm.items()})
@@ -167,7 +185,11 @@ def test_deformable_detr_checkpoint_loads_except_backbone_and_projections():
     cfg = DETRConfig(head="deformable", backbone=BackboneConfig(name="pvt_v2_b0"), num_classes=91)
     model = build_detector(cfg)  # the reference's sizes are the defaults: 256, 6+6, FFN 1024, 300 queries
     ref = deformable_detr_reference_keys()
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(("backbone.", "input_proj."))}
+    own = {
+        k: tuple(v.shape)
+        for k, v in model.state_dict().items()
+        if not k.startswith(("backbone.", "input_proj."))
+    }
     ref_head = {k: v for k, v in ref.items() if not k.startswith(("backbone.", "input_proj."))}
     assert own == ref_head  # same keys, same shapes
 
@@ -182,7 +204,9 @@ def test_deformable_detr_checkpoint_loads_except_backbone_and_projections():
         torch.testing.assert_close(state[key], sd[key])
 
     # Other class counts keep a fresh class head; anything else that does not fit is an error naming it.
-    small = build_detector(DETRConfig(head="deformable", backbone=BackboneConfig(name="pvt_v2_b0"), num_classes=5))
+    small = build_detector(
+        DETRConfig(head="deformable", backbone=BackboneConfig(name="pvt_v2_b0"), num_classes=5)
+    )
     report = load_deformable_detr_weights(small, sd)
     assert "class_embed.0.weight" in report.skipped and "bbox_embed.0.layers.2.weight" in report.loaded
     with pytest.raises(ValueError, match="unexpected transformer.extra"):
@@ -202,3 +226,15 @@ def test_bf16_forward_under_cpu_gemm_mode():
     with fp32_gemm():
         out = model(images.bfloat16(), mask)
     assert out["pred_logits"].dtype == torch.bfloat16 and torch.isfinite(out["pred_boxes"]).all()
+
+
+def test_optimizer_groups_get_the_recipes_learning_rates():
+    from pvt_dist.detection.config import DetrOptimConfig
+    from pvt_dist.detection.trainer import build_detection_optimizer
+
+    opt = build_detection_optimizer(
+        _model(), DetrOptimConfig(lr=2e-4, backbone_lr=2e-5, linear_proj_lr_mult=0.1)
+    )
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == pytest.approx({"rest": 2e-4, "backbone": 2e-5, "linear_proj": 2e-5})
+    assert opt.param_groups[0]["name"] == "rest"  # the engine logs group 0's lr

@@ -18,8 +18,8 @@ from .deformable_detr import DeformableDETR, load_deformable_detr_weights
 from .deformable_transformer import DeformableTransformer, DeformableTransformerConfig
 from .detector import build_detector
 from .detr import DETR, DETRConfig, build_detr
-from .ms_deform_attn import MSDeformAttn
 from .matcher import HungarianMatcher, build_matcher
+from .ms_deform_attn import MSDeformAttn
 from .postprocess import PostProcess
 from .targets import CocoAnnotations, validate_coco_dataset
 from .transformer import Transformer, TransformerConfig, build_transformer

@@ -24,7 +24,8 @@ class LossConfig:
     """Matching costs, loss weights and the no-object weight."""
 
     cost_class: float | None = None
-    """Matcher weight of the class cost. Null: the head's, 1 for DETR (-p) and 2 for Deformable-DETR (focal)."""
+    """Matcher weight of the class cost. Null: the head's, 1 for DETR (-p) and 2 for Deformable-DETR
+    (focal)."""
     cost_bbox: float = 5.0
     """Matcher weight of the L1 distance between normalized cxcywh boxes."""
     cost_giou: float = 2.0
@@ -129,9 +130,10 @@ class SetCriterion(nn.Module):
         else:
             # One-hot over K+1, the no-object column dropped: unmatched queries are all-negative.
             onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
-            loss_ce = sigmoid_focal_loss(
-                logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum"
-            ) / num_boxes
+            loss_ce = (
+                sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
+                / num_boxes
+            )
 
         src_boxes = outputs["pred_boxes"][batch_idx, src_idx].float()  # [M, 4]
         tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(device).float()

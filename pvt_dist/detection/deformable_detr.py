@@ -129,7 +129,9 @@ class DeformableDETR(nn.Module):
             boxes.append(coord.sigmoid())
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+            out["aux_outputs"] = [
+                {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
+            ]
         if self.two_stage:
             out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord.sigmoid()}
         return out
@@ -161,10 +163,13 @@ class DetectorLoadReport:
     """Model keys the checkpoint has no value for (backbone and input projections keep their init)."""
 
     def summary(self) -> str:
-        return f"loaded {len(self.loaded)} tensors, skipped {len(self.skipped)}, kept init for {len(self.missing)}"
+        n_loaded, n_skipped, n_missing = len(self.loaded), len(self.skipped), len(self.missing)
+        return f"loaded {n_loaded} tensors, skipped {n_skipped}, kept init for {n_missing}"
 
 
-def load_deformable_detr_weights(model: DeformableDETR, source: str | os.PathLike | dict) -> DetectorLoadReport:
+def load_deformable_detr_weights(
+    model: DeformableDETR, source: str | os.PathLike | dict
+) -> DetectorLoadReport:
     """Load a Deformable-DETR checkpoint (file or state dict) into ``model``.
 
     Skipped: ``backbone.*`` (a ResNet, not a PVT), ``input_proj.*`` whose shapes differ (the backbone's
@@ -180,7 +185,10 @@ def load_deformable_detr_weights(model: DeformableDETR, source: str | os.PathLik
     misfit_proj = {
         key.split(".")[1]
         for key, value in sd.items()
-        if key.startswith("input_proj.") and key.endswith(".0.weight") and key in own and own[key].shape != value.shape
+        if key.startswith("input_proj.")
+        and key.endswith(".0.weight")
+        and key in own
+        and own[key].shape != value.shape
     }
     report, to_load, errors = DetectorLoadReport(), {}, []
     for key, value in sd.items():

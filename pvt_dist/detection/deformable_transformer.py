@@ -53,7 +53,9 @@ class DeformableTransformerConfig:
         if self.d_model % self.nhead:
             raise ValueError(f"model.deformable.nhead: {self.nhead} does not divide d_model {self.d_model}")
         if self.d_model % 32:
-            raise ValueError(f"model.deformable.d_model: GroupNorm(32) needs a multiple of 32, got {self.d_model}")
+            raise ValueError(
+                f"model.deformable.d_model: GroupNorm(32) needs a multiple of 32, got {self.d_model}"
+            )
         for key in ("num_feature_levels", "enc_n_points", "dec_n_points"):
             if getattr(self, key) < 1:
                 raise ValueError(f"model.deformable.{key}: must be >= 1, got {getattr(self, key)}")
@@ -80,7 +82,9 @@ class DeformableEncoderLayer(nn.Module):
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         """src, pos: [B, S, d]; reference_points: [B, S, L, 2]; padding_mask: bool [B, S]."""
-        src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        src2 = self.self_attn(
+            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
+        )
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(src2))
@@ -167,7 +171,10 @@ class DeformableDecoder(nn.Module):
                     new_ref = (delta + inverse_sigmoid(reference_points)).sigmoid()
                 else:
                     new_ref = torch.cat(
-                        [(delta[..., :2] + inverse_sigmoid(reference_points)).sigmoid(), delta[..., 2:].sigmoid()],
+                        [
+                            (delta[..., :2] + inverse_sigmoid(reference_points)).sigmoid(),
+                            delta[..., 2:].sigmoid(),
+                        ],
                         -1,
                     )
                 reference_points = new_ref.detach()
@@ -265,7 +272,10 @@ class DeformableTransformer(nn.Module):
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # [B, S, d]
         mask = torch.cat([m.flatten(1) for m in masks], 1)  # [B, S]
         pos = torch.cat(
-            [p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_embeds)],
+            [
+                p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
+                for lvl, p in enumerate(pos_embeds)
+            ],
             1,
         ).to(src.dtype)
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)

@@ -31,4 +31,6 @@ def build_detector(cfg: DETRConfig) -> nn.Module:
 
 def num_decoder_layers(cfg: DETRConfig) -> int:
     """Decoder depth of the configured head (the number of supervised layers)."""
-    return cfg.deformable.num_decoder_layers if cfg.head == "deformable" else cfg.transformer.num_decoder_layers
+    return (
+        cfg.deformable.num_decoder_layers if cfg.head == "deformable" else cfg.transformer.num_decoder_layers
+    )

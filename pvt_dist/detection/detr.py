@@ -26,7 +26,8 @@ class DETRConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     """Encoder/decoder shape of the ``detr`` head."""
     deformable: DeformableTransformerConfig = field(default_factory=DeformableTransformerConfig)
-    """Transformer shape, feature levels and variants (box refinement, two-stage) of the ``deformable`` head."""
+    """Transformer shape, feature levels and variants (box refinement, two-stage) of the ``deformable``
+    head."""
     num_classes: int | None = None
     """Object classes K (contiguous labels 0..K-1); the head has K+1 outputs, the last is no-object.
     Null: the number of categories in the training annotation file."""

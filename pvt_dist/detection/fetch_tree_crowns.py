@@ -108,7 +108,9 @@ def extract(wheel: Path, out: Path) -> dict[str, Path]:
     return paths
 
 
-def fetch_tree_crowns(out: str | os.PathLike, cache: str | os.PathLike = "build/downloads") -> dict[str, Path]:
+def fetch_tree_crowns(
+    out: str | os.PathLike, cache: str | os.PathLike = "build/downloads"
+) -> dict[str, Path]:
     """Idempotent: {'train': OUT/train/annotations.json, 'val': OUT/val/annotations.json}."""
     out = Path(out)
     paths = {split: out / split / "annotations.json" for split in SPLITS}

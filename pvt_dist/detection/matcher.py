@@ -65,8 +65,8 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
-        """outputs: ``pred_logits`` [B, Q, K+1] (softmax) or [B, Q, K] (focal), ``pred_boxes`` [B, Q, 4]; targets: B dicts with
-        ``labels`` [N_b] and ``boxes`` [N_b, 4] (normalized cxcywh).
+        """outputs: ``pred_logits`` [B, Q, K+1] (softmax) or [B, Q, K] (focal), ``pred_boxes`` [B, Q, 4];
+        targets: B dicts with ``labels`` [N_b] and ``boxes`` [N_b, 4] (normalized cxcywh).
 
         Returns B pairs (index_pred [min(Q, N_b)], index_target [min(Q, N_b)]) of int64 tensors.
         """

@@ -14,7 +14,7 @@ class PositionEmbeddingSine(nn.Module):
     Coordinates are the cumulative sum of the valid-pixel mask, so padding added to batch images of different
     sizes does not shift the encoding of the real pixels. With ``normalize`` they are scaled to
     [0, ``scale``] by the extent of each image's valid region. ``offset`` is subtracted before normalizing:
-    DETR uses 0 (coordinates 1..H), Deformable-DETR 0.5 (pixel centres), and weights trained with one expect it.
+    DETR uses 0 (coordinates 1..H), Deformable-DETR 0.5 (pixel centres); weights trained with one expect it.
     """
 
     def __init__(

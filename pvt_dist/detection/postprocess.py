@@ -17,7 +17,9 @@ class PostProcess(nn.Module):
     def __init__(self, score_activation: str = "softmax", top_k: int = 100):
         super().__init__()
         if score_activation not in ("softmax", "sigmoid"):
-            raise ValueError(f"postprocess: score_activation must be softmax or sigmoid, got {score_activation!r}")
+            raise ValueError(
+                f"postprocess: score_activation must be softmax or sigmoid, got {score_activation!r}"
+            )
         self.score_activation, self.top_k = score_activation, top_k
 
     @classmethod

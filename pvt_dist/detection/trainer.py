@@ -61,7 +61,9 @@ def build_detection_optimizer(model: torch.nn.Module, o) -> torch.optim.AdamW:
         for name in ("rest", "backbone", "linear_proj")
         if groups.get(name)
     ]
-    return torch.optim.AdamW(param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(
+        param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+    )
 
 
 class DetrTrainer(Trainer):
@@ -121,7 +123,8 @@ class DetrTrainer(Trainer):
 
         self._restore(resume_tag)
         hp = {
-            "head": model_cfg.head, "backbone": model_cfg.backbone.name, "stages": str(model_cfg.backbone.stages),
+            "head": model_cfg.head, "backbone": model_cfg.backbone.name,
+            "stages": str(model_cfg.backbone.stages),
             "num_queries": model_cfg.num_queries, "zero_stage": ds.zero_stage, "precision": ds.precision,
             "global_batch": ds.global_batch, "world_size": self.world, "lr": o.lr,
             "backbone_lr": o.backbone_lr, "total_steps": self.total_steps, "lr_drop_step": drop_step,
