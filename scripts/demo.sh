@@ -3,8 +3,9 @@
 #   1. Fashion-MNIST (Debian's dataset-fashion-mnist) -> WebDataset shards (skipped when complete).
 #   2. Stage 1: PVT-Tiny pretraining, 2 ranks, DeepSpeed ZeRO-2, bf16; prints top-1 and wall time.
 #   3. Export the ZeRO checkpoint to one fp32 weights file.
-#   4. Stage 2: DETR fine-tuning of that backbone on the labelme COCO example; COCO summary.
-#   5. Detections drawn on a real photo.
+#   4. Stage 2: Deformable-DETR fine-tuning of that backbone on real aerial photos (NEON tree crowns from the
+#      deepforest wheel, 400 px tiles); COCO summary on the held-out tiles of another location.
+#   5. Detections drawn on a held-out photo.
 # A second `make demo` resumes/reuses what is already in runs/ (delete runs/demo_* to start over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 NPROC="${NPROC:-2}"
 PRETRAIN_RUN=runs/demo_fashion_mnist
-DETR_RUN=runs/demo_detr_labelme
+DETR_RUN=runs/demo_deformable_tree_crowns
 
 echo "== model family (params / GMACs at 224) =="
 $PY -m pvt_dist.models.summary --size 224 --models pvt_tiny pvt_small pvt_v2_b0 pvt_v2_b2
@@ -28,15 +29,15 @@ echo "== 2. stage 1: PVT-Tiny pretraining, $NPROC ranks, ZeRO-2, bf16 =="
 echo "== 3. export to fp32 weights =="
 $PY -m pvt_dist.export "$PRETRAIN_RUN" "$PRETRAIN_RUN/pvt_tiny_fp32.pth"
 
-echo "== 4. stage 2: DETR fine-tuning on the labelme COCO example (3 real photos) =="
-$PY -m pvt_dist.detection.fetch_example_data data/labelme_coco
-$PY launch/finetune_detr.py --config configs/detr/labelme_demo.yaml run_dir="$DETR_RUN" \
+echo "== 4. stage 2: Deformable-DETR fine-tuning on NEON tree crowns (train tiles; held-out tiles 13 km away) =="
+$PY -m pvt_dist.detection.fetch_tree_crowns data/tree_crowns
+$PY launch/finetune_detr.py --config configs/detr/demo_tree_crowns.yaml run_dir="$DETR_RUN" \
     model.backbone.pretrained="$PRETRAIN_RUN/pvt_tiny_fp32.pth"
-$PY launch/evaluate_detr.py --weights "$DETR_RUN/detector.pth" --ann data/labelme_coco/annotations.json \
-    --images data/labelme_coco --batch 3
+$PY launch/evaluate_detr.py --weights "$DETR_RUN/detector.pth" --ann data/tree_crowns/val/annotations.json \
+    --images data/tree_crowns/val --batch 4
 
-echo "== 5. detections drawn on a real photo =="
-$PY launch/detect.py --weights "$DETR_RUN/detector.pth" data/labelme_coco/JPEGImages/2011_000006.jpg \
-    --out "$DETR_RUN/detections.png"
+echo "== 5. detections drawn on a held-out photo =="
+$PY launch/detect.py --weights "$DETR_RUN/detector.pth" \
+    data/tree_crowns/val/2019_YELL_2_541000_4977000_image_crop_0566_0318.jpg --out "$DETR_RUN/detections.png"
 echo "wrote $DETR_RUN/detections.png"
 echo "tensorboard --logdir runs"

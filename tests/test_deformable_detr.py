@@ -1,6 +1,7 @@
 """Deformable-DETR head: output layouts, variants, Deformable-DETR's state_dict keys, loading, focal loss."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -65,6 +66,17 @@ def test_forward_backward_shapes_and_every_parameter_learns(variant):
     losses = crit(out, TARGETS)
     assert {"loss_ce", "loss_bbox_1", "loss_giou_0"} <= set(losses) and ("loss_ce_enc" in losses) == cfg_two
     crit.total(losses).backward()
+    # At init the box MLP's last layer and the offset / attention-weight projections are zero (as in the
+    # reference), which blocks the gradient to what lies behind them; nothing else may be disconnected.
+    silent = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
+    blocked = re.compile(r"transformer\.level_embed|(.*\.)?bbox_embed\.\d+\.layers\.[01]\.(weight|bias)")
+    assert all(blocked.fullmatch(n) for n in silent), silent
+    with torch.no_grad():  # as after a first step: the zero-initialized weights move off zero
+        for name, p in model.named_parameters():
+            if name.endswith(("layers.2.weight", "sampling_offsets.weight", "attention_weights.weight")):
+                p.normal_(0, 1e-2)
+    model.zero_grad()
+    crit.total(crit(model(images, mask), TARGETS)).backward()
     silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert silent == []
 
