@@ -113,7 +113,7 @@ def test_head_defaults_follow_the_head():
             ["model.head=deformable", "model.backbone.stages=[2,4]"],
             r"model\.backbone\.stages: the deformable head",
         ),
-        (["model.head=deformable", "model.deformable.d_model=100"], r"model\.deformable\.d_model"),
+        (["model.head=deformable", "model.deformable.d_model=72"], r"model\.deformable\.d_model"),
         (["model.head=deformable", "model.deformable.enc_n_points=0"], r"model\.deformable\.enc_n_points"),
         (["optim.linear_proj_lr_mult=-1"], r"optim\.linear_proj_lr_mult"),
     ],
