@@ -142,6 +142,7 @@ def test_deformable_head_trains_exports_and_resumes_exactly(tmp_path, capsys):
         *DEFORMABLE_TINY,
         "schedule.total_steps=16",
         "checkpoint.every_steps=4",
+        "checkpoint.keep_last=2",  # steps 12 and 16: the resume below starts from 12
     ]
     out = _run([*cfg, f"run_dir={run_dir}", "eval.every_steps=16"])
     assert "Deformable-DETR pvt_v2_b0 stages [2, 3, 4]" in out
