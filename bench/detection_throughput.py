@@ -1,10 +1,12 @@
-"""Throughput of the detection stage: DALI COCO loader (train augmentation / eval) and a DETR training step.
+"""Throughput of the detection stage: DALI COCO loader (train augmentation / eval), and a training step and an
+inference forward of each detection head (DETR, Deformable-DETR) at their default sizes.
 
     python bench/detection_throughput.py --data data/labelme_coco --scale 0.25 0.5 [--backbone pvt_v2_b0]
-        [--batches 20] [--device cpu] [--json out.json]
+        [--heads detr deformable] [--batches 20] [--device cpu] [--json out.json]
 
-Prints one row per (part, scale): images/s and ms per batch. The DETR step is forward, set criterion
+Prints one row per (part, scale): images/s and ms per batch. A train step is forward, set criterion
 (Hungarian matching included) and backward on real loader batches; no optimizer, so only compute is timed.
+Inference is the eval-mode forward plus post-processing under no_grad on validation batches.
 """
 
 from __future__ import annotations
@@ -18,8 +20,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pvt_dist.detection import BackboneConfig, DETRConfig, LossConfig, build_criterion, build_detr  # noqa: E402
+from pvt_dist.detection import (  # noqa: E402
+    BackboneConfig,
+    DETRConfig,
+    LossConfig,
+    PostProcess,
+    build_criterion,
+    build_detector,
+)
 from pvt_dist.detection.data import DetectionDataConfig, build_detection_loader  # noqa: E402
+from pvt_dist.detection.detector import num_decoder_layers  # noqa: E402
 
 
 def time_loader(loader, batches: int) -> float:
@@ -40,20 +50,25 @@ def _forever(loader):
         epoch += 1
 
 
-def time_detr(loader, backbone: str, batches: int, device: torch.device) -> float:
+def time_head(loader, head: str, backbone: str, batches: int, device: torch.device, train: bool) -> float:
+    """Median seconds per batch of a train step (train=True) or an inference forward of ``head``."""
     ann = loader.annotations
-    model = build_detr(DETRConfig(backbone=BackboneConfig(name=backbone), num_classes=ann.num_classes)).to(
-        device
-    )
-    crit = build_criterion(LossConfig(), ann.num_classes, 6, True)
+    cfg = DETRConfig(head=head, backbone=BackboneConfig(name=backbone), num_classes=ann.num_classes)
+    model = build_detector(cfg).to(device).train(train)
+    crit = build_criterion(LossConfig(), ann.num_classes, num_decoder_layers(cfg), True, head)
+    post = PostProcess.for_model(model)
     data = _forever(loader)
     times = []
     for i in range(batches + 1):
-        images, mask, targets, _ = next(data)
+        images, mask, targets, infos = next(data)
         t0 = time.perf_counter()
-        loss = crit.total(crit(model(images.to(device), mask.to(device)), targets))
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+        if train:
+            loss = crit.total(crit(model(images.to(device), mask.to(device)), targets))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                post(model(images.to(device), mask.to(device)), torch.tensor([x["orig_size"] for x in infos]))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i:  # the first step pays for allocations
@@ -67,9 +82,12 @@ def main() -> None:
     ap.add_argument("--scale", type=float, nargs="+", default=[0.25, 0.5], help="data.scale_factor values")
     ap.add_argument("--batch", type=int, default=2, help="images per batch")
     ap.add_argument("--batches", type=int, default=10, help="timed batches per row")
+    ap.add_argument("--backbone", default="pvt_v2_b0", help="backbone of the detector rows")
     ap.add_argument(
-        "--backbone", default="pvt_v2_b0", help="backbone of the DETR step (default DETR transformer)"
-    )
+        "--heads", nargs="+", default=["detr", "deformable"], choices=["detr", "deformable"],
+        help="detection heads timed (each at its default size: DETR 100 queries on stage 4, Deformable-DETR "
+        "300 queries on stages 2-4 + a stride-64 level)",
+    )  # fmt: skip
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="DALI device and model device")
     ap.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
     ap.add_argument("--json", default=None, help="also write the rows here")
@@ -87,13 +105,15 @@ def main() -> None:
             device=args.device,
             num_threads=args.threads,
         )
-        for part in ("loader train", "loader val", f"detr step {args.backbone}"):
-            split = "val" if part == "loader val" else "train"
+        parts = [("loader train", None, True), ("loader val", None, False)]
+        parts += [(f"{h} {kind}", h, kind == "train") for h in args.heads for kind in ("train", "infer")]
+        for part, head, train in parts:
+            split = "train" if train else "val"
             loader = build_detection_loader(cfg, split, micro_batch=args.batch, device=device)
-            if part.startswith("loader"):
+            if head is None:
                 sec = time_loader(loader, args.batches)
             else:
-                sec = time_detr(loader, args.backbone, args.batches, device)
+                sec = time_head(loader, head, args.backbone, args.batches, device, train)
             rows.append(
                 {"part": part, "scale": scale, "images_per_s": args.batch / sec, "ms_per_batch": 1e3 * sec}
             )

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     x = TF.normalize(TF.to_tensor(TF.resize(image, size, antialias=True)), d["mean"], d["std"])[None]
     with torch.no_grad():
         outputs = model(x, torch.zeros(1, *x.shape[-2:], dtype=torch.bool))
-    det = PostProcess()(outputs, torch.tensor([[h, w]]))[0]
+    det = PostProcess.for_model(model)(outputs, torch.tensor([[h, w]]))[0]
     keep = det["scores"] >= args.threshold
     det = {k: v[keep] for k, v in det.items()}
     draw_detections(image, det["boxes"], det["labels"], det["scores"], meta["class_names"]).save(args.out)

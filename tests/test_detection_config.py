@@ -68,3 +68,56 @@ def test_bad_ground_truth_is_a_config_error(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"bad.json: image id 3, annotation id 8: unknown category id 77"):
         resolve_detr_config(cfg, 1)
+
+
+def _labelme_data():
+    root = labelme_example()
+    ann = root / "annotations.json"
+    return [
+        f"data.train_ann={ann}",
+        f"data.val_ann={ann}",
+        f"data.train_images={root}",
+        f"data.val_images={root}",
+    ]
+
+
+def test_deformable_coco_config_has_the_reference_recipe():
+    cfg = load_detr_config("configs/detr/pvt_v2_b2_deformable_coco.yaml", _labelme_data())
+    o, s, ds = cfg.optim, cfg.schedule, cfg.deepspeed
+    assert (o.lr, o.backbone_lr, o.linear_proj_lr_mult, o.weight_decay) == (2e-4, 2e-5, 0.1, 1e-4)
+    assert (s.epochs, s.lr_drop_epoch, ds.grad_clip, ds.global_batch) == (50, 40, 0.1, 32)
+    resolved = resolve_detr_config(cfg, world_size=16)
+    assert resolved.deepspeed.grad_accum == 1 and resolved.model.num_queries == 300
+    assert resolved.model.deformable.dim_feedforward == 1024 and resolved.model.backbone.stages == [2, 3, 4]
+    assert (resolved.loss.cost_class, resolved.loss.ce_weight, resolved.loss.focal_alpha) == (2.0, 2.0, 0.25)
+
+
+def test_head_defaults_follow_the_head():
+    detr = resolve_detr_config(load_detr_config(None, _labelme_data()), 1)
+    assert (detr.model.head, detr.model.backbone.stages, detr.model.num_queries) == ("detr", [4], 100)
+    assert (detr.loss.cost_class, detr.loss.ce_weight) == (1.0, 1.0)
+    deform = resolve_detr_config(load_detr_config(None, [*_labelme_data(), "model.head=deformable"]), 1)
+    assert (deform.model.backbone.stages, deform.model.num_queries) == ([2, 3, 4], 300)
+    assert (deform.loss.cost_class, deform.loss.ce_weight) == (2.0, 2.0)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["model.head=deformabel"], r"model\.head: must be 'detr' or 'deformable'"),
+        (
+            ["model.head=deformable", "model.deformable.num_feature_levels=2"],
+            r"model\.deformable\.num_feature_levels",
+        ),
+        (
+            ["model.head=deformable", "model.backbone.stages=[2,4]"],
+            r"model\.backbone\.stages: the deformable head",
+        ),
+        (["model.head=deformable", "model.deformable.d_model=72"], r"model\.deformable\.d_model"),
+        (["model.head=deformable", "model.deformable.enc_n_points=0"], r"model\.deformable\.enc_n_points"),
+        (["optim.linear_proj_lr_mult=-1"], r"optim\.linear_proj_lr_mult"),
+    ],
+)
+def test_deformable_config_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        resolve_detr_config(load_detr_config(None, [*_labelme_data(), *overrides]), 1)

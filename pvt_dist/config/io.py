@@ -40,9 +40,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        members = [arg for arg in args if arg is not type(None)]
+        if len(members) == 1:  # ``X | None``: X's own error names the exact entry (``key[2]: ...``)
+            return coerce(value, members[0], key)
+        for arg in members:
             try:
                 return coerce(value, arg, key)
             except ConfigError as e:

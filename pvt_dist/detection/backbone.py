@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,9 @@ from pvt_dist.models import build_model, load_pretrained
 
 log = logging.getLogger(__name__)
 
+DETR_STAGES = [4]
+DEFORMABLE_STAGES = [2, 3, 4]
+
 
 @dataclass
 class BackboneConfig:
@@ -20,8 +23,9 @@ class BackboneConfig:
 
     name: str = "pvt_small"
     """Model name: ``pvt_tiny`` .. ``pvt_large``, ``pvt_v2_b0`` .. ``pvt_v2_b5``, ``pvt_v2_b2_li``."""
-    stages: list[int] = field(default_factory=lambda: [4])
-    """Pyramid stages (1..4, strides 4/8/16/32) fed to the transformer; the paper uses stage 4 only."""
+    stages: list[int] | None = None
+    """Pyramid stages (1..4, strides 4/8/16/32) fed to the transformer. Null: the head's own choice, [4] for
+    DETR (the PVT paper) and [2, 3, 4] for Deformable-DETR (strides 8/16/32, as the reference)."""
     pretrained: str | None = None
     """Stage-1 export or the authors' ``.pth``; None keeps the random init (tests only)."""
     img_size: int = 224
@@ -35,6 +39,8 @@ class BackboneConfig:
     """Train the transformer and heads only (``requires_grad=False`` on the backbone)."""
 
     def validate(self) -> None:
+        if self.stages is None:
+            return
         if not self.stages or any(s not in (1, 2, 3, 4) for s in self.stages):
             raise ValueError(
                 f"model.backbone.stages: must be a non-empty subset of 1..4, got {self.stages!r}"
@@ -49,7 +55,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         cfg.validate()
-        self.stages = sorted(cfg.stages)
+        self.stages = sorted(cfg.stages if cfg.stages is not None else DETR_STAGES)
         self.body = build_model(
             cfg.name,
             features_only=True,

@@ -41,6 +41,9 @@ class DetrOptimConfig:
     """Learning rate of the transformer, projections and heads."""
     backbone_lr: float = 1e-5
     """Learning rate of the PVT backbone."""
+    linear_proj_lr_mult: float = 0.1
+    """Deformable head: the sampling-offset and reference-point projections train at lr times this
+    (Deformable-DETR: 0.1). The DETR head has no such parameters."""
     weight_decay: float = 1e-4
     """AdamW weight decay (all parameters, as in DETR)."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -138,6 +141,7 @@ def resolve_detr_config(cfg: DetrTrainConfig, world_size: int, check_files: bool
                 f"model.num_classes: data.train_ann {cfg.data.train_ann} is not readable; set the class count"
             )
         cfg.model.validate()
+        cfg.loss.resolve(cfg.model.head)
     except FileNotFoundError as e:
         raise ConfigError(f"data.train_ann: {e}") from e
     except ValueError as e:
@@ -150,7 +154,8 @@ def resolve_detr_config(cfg: DetrTrainConfig, world_size: int, check_files: bool
     ds.global_batch, ds.micro_batch, ds.grad_accum = resolve_batch(ds, world_size)
     check_gpu_options(ds)
     o, s = cfg.optim, cfg.schedule
-    for key, v in (("optim.lr", o.lr), ("optim.backbone_lr", o.backbone_lr)):
+    for key, v in (("optim.lr", o.lr), ("optim.backbone_lr", o.backbone_lr),
+                   ("optim.linear_proj_lr_mult", o.linear_proj_lr_mult)):  # fmt: skip
         if v < 0:
             raise ConfigError(f"{key}: must be >= 0, got {v}")
     if not 0 < s.lr_drop_factor <= 1:

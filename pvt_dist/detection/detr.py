@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import Backbone, BackboneConfig
+from .backbone import DEFORMABLE_STAGES, DETR_STAGES, Backbone, BackboneConfig
+from .deformable_transformer import DeformableTransformerConfig
 from .position_encoding import PositionEmbeddingSine
 from .transformer import Transformer, TransformerConfig
 
@@ -17,24 +18,52 @@ from .transformer import Transformer, TransformerConfig
 class DETRConfig:
     """The detector: backbone, transformer and prediction heads."""
 
+    head: str = "detr"
+    """``detr``: DETR's single-scale transformer and softmax heads (the PVT paper's setup); ``deformable``:
+    Deformable-DETR's multi-scale deformable transformer and sigmoid focal-loss heads on several stages."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     """PVT variant, stages and initial weights."""
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
-    """Encoder/decoder shape."""
+    """Encoder/decoder shape of the ``detr`` head."""
+    deformable: DeformableTransformerConfig = field(default_factory=DeformableTransformerConfig)
+    """Transformer shape, feature levels and variants (box refinement, two-stage) of the ``deformable``
+    head."""
     num_classes: int | None = None
     """Object classes K (contiguous labels 0..K-1); the head has K+1 outputs, the last is no-object.
     Null: the number of categories in the training annotation file."""
-    num_queries: int = 100
-    """Object queries = maximum detections per image."""
+    num_queries: int | None = None
+    """Object queries = maximum detections per image. Null: 100 for ``detr``, 300 for ``deformable``."""
     aux_loss: bool = True
     """Return the predictions of the earlier decoder layers as ``aux_outputs`` (auxiliary losses)."""
 
     def validate(self) -> None:
+        """Check every field; the head-dependent nulls (stages, num_queries) are filled in here."""
+        if self.head not in ("detr", "deformable"):
+            raise ValueError(f"model.head: must be 'detr' or 'deformable', got {self.head!r}")
+        deformable = self.head == "deformable"
+        if self.backbone.stages is None:
+            self.backbone.stages = list(DEFORMABLE_STAGES if deformable else DETR_STAGES)
+        if self.num_queries is None:
+            self.num_queries = 300 if deformable else 100
         if self.num_classes is None or self.num_classes < 1:
             raise ValueError(f"model.num_classes: must be >= 1, got {self.num_classes}")
         if self.num_queries < 1:
             raise ValueError(f"model.num_queries: must be >= 1, got {self.num_queries}")
         self.backbone.validate()
+        if deformable:
+            self.deformable.validate()
+            stages = sorted(self.backbone.stages)
+            if stages != list(range(stages[0], stages[-1] + 1)):
+                raise ValueError(
+                    f"model.backbone.stages: the deformable head needs consecutive stages (each level half "
+                    f"the previous one's resolution), got {self.backbone.stages}"
+                )
+            levels = self.deformable.num_feature_levels
+            if levels < len(stages):
+                raise ValueError(
+                    f"model.deformable.num_feature_levels: {levels} levels cannot hold the {len(stages)} "
+                    f"backbone stages {stages}; use >= {len(stages)} (extra levels are stride-2 convs)"
+                )
 
 
 class MLP(nn.Module):
@@ -59,6 +88,8 @@ class DETR(nn.Module):
     ``pred_logits`` [B, Q, K+1], ``pred_boxes`` [B, Q, 4] (normalized cx, cy, w, h relative to each image's
     un-padded size), ``aux_outputs`` (a list of L-1 such dicts, earliest decoder layer first).
     """
+
+    score_activation = "softmax"
 
     def __init__(
         self,

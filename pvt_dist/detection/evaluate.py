@@ -36,7 +36,7 @@ def evaluate_coco(
     device = torch.device(device)
     ann = loader.annotations
     evaluator = CocoEvaluator(coco_from_dict(ann.dataset), ann.label_to_cat)
-    post = PostProcess()
+    post = PostProcess.for_model(model)
     first = None
     loader.set_epoch(0)
     for images, mask, targets, infos in loader:

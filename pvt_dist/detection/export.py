@@ -11,9 +11,12 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .backbone import BackboneConfig
-from .detr import DETR, DETRConfig, build_detr
+from .deformable_transformer import DeformableTransformerConfig
+from .detector import build_detector
+from .detr import DETRConfig
 from .transformer import TransformerConfig
 
 PREPROCESS_KEYS = ("scale_factor", "val_size", "max_size", "mean", "std")
@@ -21,7 +24,7 @@ PREPROCESS_KEYS = ("scale_factor", "val_size", "max_size", "mean", "std")
 
 def save_detector(
     path: str | os.PathLike,
-    model: DETR,
+    model: nn.Module,
     cfg: DETRConfig,
     data_cfg,
     class_names: list[str],
@@ -49,10 +52,12 @@ def save_detector(
 def detr_config_from_dict(d: dict) -> DETRConfig:
     d = dict(d)
     backbone = BackboneConfig(**{**d.pop("backbone"), "pretrained": None})  # weights come from the export
-    return DETRConfig(backbone=backbone, transformer=TransformerConfig(**d.pop("transformer")), **d)
+    transformer = TransformerConfig(**d.pop("transformer"))
+    deformable = DeformableTransformerConfig(**d.pop("deformable", {}))  # exports before the deformable head
+    return DETRConfig(backbone=backbone, transformer=transformer, deformable=deformable, **d)
 
 
-def load_detector(path: str | os.PathLike) -> tuple[DETR, dict]:
+def load_detector(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     """Rebuild the model from an export; returns (model in eval mode, the export's metadata)."""
     path = Path(path)
     if not path.is_file():
@@ -63,7 +68,7 @@ def load_detector(path: str | os.PathLike) -> tuple[DETR, dict]:
         raise ValueError(
             f"{path}: not a detector export (missing {missing}); export one with finetune_detr.py"
         )
-    model = build_detr(detr_config_from_dict(blob["detr"]))
+    model = build_detector(detr_config_from_dict(blob["detr"]))
     model.load_state_dict(blob["model"])
     model.eval()
     return model, {k: v for k, v in blob.items() if k != "model"}

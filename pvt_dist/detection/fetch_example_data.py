@@ -27,30 +27,25 @@ SDIST = "labelme-6.3.1.tar.gz"
 EXAMPLE_DIR = "labelme-6.3.1/examples/instance_segmentation/data_dataset_coco/"
 
 
-def download_sdist(cache: Path) -> Path:
-    """The labelme sdist in ``cache`` (downloaded by pip on first use)."""
-    path = cache / SDIST
+def pip_download(spec: str, filename: str, cache: Path, binary: bool = False) -> Path:
+    """``cache/filename``, fetched with ``pip download --no-deps spec`` on first use (sdist or wheel)."""
+    path = cache / filename
     if path.is_file():
         return path
     cache.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        PACKAGE,
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        "-d",
-        str(cache),
-    ]
+    kind = "--only-binary" if binary else "--no-binary"
+    cmd = [sys.executable, "-m", "pip", "download", spec, "--no-deps", kind, ":all:", "-d", str(cache)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not path.is_file():
         raise RuntimeError(
             f"`{' '.join(cmd)}` failed (rc={proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
         )
     return path
+
+
+def download_sdist(cache: Path) -> Path:
+    """The labelme sdist in ``cache`` (downloaded by pip on first use)."""
+    return pip_download(PACKAGE, SDIST, cache)
 
 
 def renumber(dataset: dict) -> dict:

@@ -26,7 +26,7 @@ from pvt_dist.engine.trainer import Trainer, seed_all
 from .config import DetrTrainConfig, resolve_detr_schedule
 from .criterion import build_criterion
 from .data import build_detection_loader
-from .detr import build_detr
+from .detector import build_detector, num_decoder_layers
 from .draw import denormalize, draw_detections
 from .evaluate import evaluate_coco
 from .export import save_detector
@@ -49,6 +49,24 @@ class StepDecay:
     def step_update(self, step: int) -> None:
         for group, lr in zip(self.optimizer.param_groups, self.lr_at(step)):
             group["lr"] = lr
+
+
+def build_detection_optimizer(model: torch.nn.Module, o, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the model's ``param_groups()``: ``rest`` at lr, ``backbone`` at backbone_lr and (deformable
+    head) ``linear_proj`` at lr * linear_proj_lr_mult. Empty groups (a frozen backbone) are left out."""
+    lrs = {"rest": o.lr, "backbone": o.backbone_lr, "linear_proj": o.lr * o.linear_proj_lr_mult}
+    groups = model.param_groups()
+    # "rest" first: the engine's logged lr is group 0's.
+    param_groups = [
+        {"params": [p for _, p in groups[name]], "lr": lrs[name], "name": name}
+        for name in ("rest", "backbone", "linear_proj")
+        if groups.get(name)
+    ]
+    # fused=True on GPU: one CUDA kernel per step, shipped with torch (nothing to JIT-compile).
+    return torch.optim.AdamW(
+        param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+        fused=device.type == "cuda" or None,
+    )  # fmt: skip
 
 
 class DetrTrainer(Trainer):
@@ -84,34 +102,29 @@ class DetrTrainer(Trainer):
         model_cfg = cfg.model
         if resume_tag is not None and model_cfg.backbone.pretrained:
             model_cfg = to_model_cfg_without_pretrained(model_cfg)  # the checkpoint holds the weights
-        model = build_detr(model_cfg)
+        model = build_detector(model_cfg)
         self._setup_perf(model, *self.flops_sample(cfg.data))
         self.criterion = build_criterion(
-            cfg.loss, model_cfg.num_classes, model_cfg.transformer.num_decoder_layers, model_cfg.aux_loss
+            cfg.loss,
+            model_cfg.num_classes,
+            num_decoder_layers(model_cfg),
+            model_cfg.aux_loss,
+            model_cfg.head,
+            model_cfg.head == "deformable" and model_cfg.deformable.two_stage,
         ).to(device)
         self.ema = None
         seed_all(cfg.seed + 1000 * self.rank)  # per-rank stream for dropout / drop-path
 
         o = cfg.optim
-        groups = model.param_groups()
-        param_groups = [
-            # "rest" first: the engine's logged lr is group 0's.
-            {"params": [p for _, p in groups["rest"]], "lr": o.lr, "name": "rest"},
-            {"params": [p for _, p in groups["backbone"]], "lr": o.backbone_lr, "name": "backbone"},
-        ]
-        param_groups = [g for g in param_groups if g["params"]]  # a frozen backbone has none
-        # fused=True on GPU: one CUDA kernel per step, shipped with torch (nothing to JIT-compile).
-        optimizer = torch.optim.AdamW(
-            param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-            fused=device.type == "cuda" or None,
-        )  # fmt: skip
+        optimizer = build_detection_optimizer(model, o, device)
         ds_config = build_deepspeed_config(cfg, device.type)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.scheduler = StepDecay(optimizer, drop_step, cfg.schedule.lr_drop_factor)
 
         self._restore(resume_tag)
         hp = {
-            "backbone": model_cfg.backbone.name, "stages": str(model_cfg.backbone.stages),
+            "head": model_cfg.head, "backbone": model_cfg.backbone.name,
+            "stages": str(model_cfg.backbone.stages),
             "num_queries": model_cfg.num_queries, "zero_stage": ds.zero_stage, "precision": ds.precision,
             "global_batch": ds.global_batch, "world_size": self.world, "lr": o.lr,
             "backbone_lr": o.backbone_lr, "total_steps": self.total_steps, "lr_drop_step": drop_step,
@@ -120,8 +133,9 @@ class DetrTrainer(Trainer):
         self._open_logs(hp, ["val/AP", "val/AP50"])
         n_params = sum(p.numel() for p in model.parameters()) / 1e6 if ds.zero_stage < 3 else float("nan")
         log.info(
-            "DETR %s stages %s (%.2fM params) | %d classes | world %d | ZeRO-%d %s | "
+            "%s %s stages %s (%.2fM params) | %d classes | world %d | ZeRO-%d %s | "
             "batch %d = %d x %d x %d | %d steps (%d/epoch, lr drop at %d) | lr %.3g backbone %.3g",
+            "Deformable-DETR" if model_cfg.head == "deformable" else "DETR",
             model_cfg.backbone.name,
             model_cfg.backbone.stages,
             n_params,
