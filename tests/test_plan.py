@@ -212,6 +212,8 @@ def cluster_example(cmd: str) -> tuple[str, list[str]] | None:
     for launcher, flag in (("deepspeed", "--num_gpus"), ("torchrun", "--nproc_per_node")):
         if words[0] == launcher and flag in words:
             entry = next(w for w in words if w.startswith("launch/"))
+            if entry not in ENTRIES:  # e.g. launch/evaluate.py: not a training run, nothing to plan
+                return None
             rest = words[words.index(entry) + 1 :]
             return entry, [*rest, "--world-size", words[words.index(flag) + 1]]
     return None

@@ -8,6 +8,7 @@ defaults < YAML (with ``_base_`` includes) < dotted ``key=value`` overrides; err
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -172,15 +173,16 @@ def resolve_detr_config(cfg: DetrTrainConfig, world_size: int, check_files: bool
 def resolve_detr_schedule(cfg: DetrTrainConfig, train_images: int, world_size: int) -> tuple[int, int, int]:
     """(steps_per_epoch, total_steps, lr_drop_step) in optimizer steps, from the training split's size.
 
-    An epoch is ceil(ceil(images / world) / micro) // accum steps (every image once per epoch). Runs before
-    any process group (``pvt_dist.cluster.plan``) and in the trainer, with the same numbers.
+    An epoch is ceil(images / global batch) optimizer steps: every image once, and the same number of steps
+    at every world size that keeps the global batch (the loaders pad each rank's last batch; a step that
+    runs past a rank's epoch continues into the next one). ``world_size`` only has to agree with the
+    resolved batch triple. Runs before any process group (``pvt_dist.cluster.plan``) and in the trainer,
+    with the same numbers.
     """
-    from .data import batches_per_epoch
-
     s, ds = cfg.schedule, cfg.deepspeed
-    steps_per_epoch = s.steps_per_epoch or max(
-        1, batches_per_epoch(train_images, world_size, ds.micro_batch) // ds.grad_accum
-    )
+    if ds.global_batch != ds.micro_batch * ds.grad_accum * world_size:
+        raise ConfigError(f"deepspeed.global_batch: {ds.global_batch} does not match world size {world_size}")
+    steps_per_epoch = s.steps_per_epoch or max(1, math.ceil(train_images / ds.global_batch))
     total = s.total_steps or max(1, round(s.epochs * steps_per_epoch))
     drop = s.lr_drop_step if s.lr_drop_step is not None else round(s.lr_drop_epoch * steps_per_epoch)
     return steps_per_epoch, total, drop
