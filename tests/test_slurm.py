@@ -317,7 +317,7 @@ THREADS_LINE = "threads torch 1 (OMP_NUM_THREADS=1), DALI 1, cpu budget 1"
 def test_every_rank_keeps_to_its_cpus_per_task(cluster, launcher, fmnist_shards, tmp_path):
     """--cpus-per-task 1 with no OMP_NUM_THREADS in the submitting shell and data.num_threads 4: inside
     each rank torch runs 1 intra-op thread and DALI 1 thread (the budget), under both launchers."""
-    cfg = write_config(tmp_path / "tiny.yaml", fmnist_shards, tmp_path / "run", steps=2)
+    cfg = write_config(tmp_path / "tiny.yaml", fmnist_shards, tmp_path / "run", steps=3)  # warmup is 2
     cfg.write_text(cfg.read_text().replace('"num_threads": 1', '"num_threads": 4'))
     if launcher == "sbatch":
         log = tmp_path / "job.out"

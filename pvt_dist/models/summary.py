@@ -27,6 +27,11 @@ def forward_flops(model: torch.nn.Module, *inputs: torch.Tensor) -> int:
     """Forward FLOPs of ``model(*inputs)`` in eval mode (drop path and dropout off)."""
     was_training = model.training
     model.eval()
+    # The counter's module tracker hooks every module input that requires grad, and fails on a parameter
+    # passed straight into a submodule (Deformable-DETR's query embedding): count with grads off.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
     # The fused CPU attention kernel is invisible to the counter; the math backend decomposes attention
     # into matmuls it does count (the authors' tables include the attention products).
     try:
@@ -34,6 +39,8 @@ def forward_flops(model: torch.nn.Module, *inputs: torch.Tensor) -> int:
             model(*inputs)
     finally:
         model.train(was_training)
+        for p in trainable:
+            p.requires_grad_(True)
     return counter.get_total_flops()
 
 
