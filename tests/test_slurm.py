@@ -58,6 +58,32 @@ def test_signal_after_the_last_step_does_not_requeue(monkeypatch):
         signal.signal(signal.SIGUSR1, displaced)
 
 
+@pytest.mark.parametrize("sig, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+def test_only_the_grace_signal_requeues_a_slurm_job(monkeypatch, tmp_path, sig, requeued):
+    """USR1 (the sbatch grace signal) saves and requeues; SIGTERM (scancel, the time limit, preemption)
+    saves and must not requeue, or a cancelled job would come back. The scontrol on PATH records calls."""
+    from pvt_dist.cluster import preemption
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setattr(preemption, "_requeue_requested", False)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with PreemptionHandler() as handler:
+            os.kill(os.getpid(), sig)
+            assert handler.stop_requested(step=3)
+            handler.on_checkpoint_saved()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert preemption.requeue_requested() is requeued
+    assert (calls.read_text().split() if calls.exists() else []) == (["requeue", "4242"] if requeued else [])
+
+
 def _agree_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -155,7 +181,7 @@ def job_state(job: str) -> tuple[str, str]:
     """(state, exit code) of the job's latest run, from accounting (sacct)."""
     out = subprocess.run(
         ["sacct", "-n", "-X", "-P", "-j", job, "-o", "State,ExitCode"], capture_output=True, text=True
-    ).stdout.split()
+    ).stdout.splitlines()  # lines, not words: a cancelled job reads "CANCELLED by 0|0:0"
     if not out:
         return "UNKNOWN", ""
     state, code = out[-1].split("|")
@@ -172,6 +198,18 @@ def wait_final(job: str, timeout: float, log: Path | None = None) -> tuple[str, 
     subprocess.run(["scancel", job])
     tail = log.read_text()[-3000:] if log and log.exists() else ""
     pytest.fail(f"job {job} not finished after {timeout:.0f} s (state {job_state(job)}):\n{tail}")
+
+
+def wait_gone(job: str, timeout: float) -> None:
+    """Wait until the job has left the queue, COMPLETING included: a cancelled job reads CANCELLED in
+    accounting at once, while its tasks may still be saving within KillWait."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout
+        if not out.strip():
+            return
+        time.sleep(1)
+    pytest.fail(f"job {job} still in the queue after {timeout:.0f} s")
 
 
 def metrics_step(run_dir: Path) -> int:
@@ -471,11 +509,6 @@ def test_sbatch_finetune_detr_preempted_resumes(cluster, tmp_path):
 
 
 @pytest.mark.slurm
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue 17 §3): scancel's SIGTERM is taken for a preemption and the checkpointed job is "
-    "requeued (Slurm requeues even a job being cancelled; its state still reads RUNNING at that point)",
-)
 def test_scancel_without_signal_saves_and_resubmission_resumes(cluster, fmnist_shards, tmp_path):
     """`scancel JOB` with no --signal: Slurm sends SIGTERM to the tasks and the batch shell, then SIGKILL
     after KillWait (10 s on the local cluster, 30 s by default). The tasks agree on the stop within
@@ -491,6 +524,7 @@ def test_scancel_without_signal_saves_and_resubmission_resumes(cluster, fmnist_s
     t0 = time.time()
     subprocess.run(["scancel", job], check=True)
     state, _ = wait_final(job, 120, log)
+    wait_gone(job, 60)
     ended_s = time.time() - t0
     text = log.read_text()
     assert state == "CANCELLED", text[-3000:]

@@ -29,7 +29,9 @@ How a stop flows under ``sbatch slurm/pretrain.sh``:
    has finished writing), then rank 0 runs ``scontrol requeue $SLURM_JOB_ID``. Slurm ends this run and starts
    the same job id again (``SLURM_RESTART_COUNT`` + 1, same log file); the trainer resumes from ``latest``
    with no lost or repeated optimizer step. A failed requeue (the job was cancelled, or is interactive) is
-   logged, not raised: the checkpoint is there and rerunning the command resumes it.
+   logged, not raised: the checkpoint is there and rerunning the command resumes it. A stop that any rank
+   got as SIGTERM (``scancel`` without ``--signal``, the time limit without a grace signal, preemption) is
+   saved the same way but never requeued: Slurm is ending the job, and a requeue would undo a cancel.
 
 Under submitit (``launch/submit.py``, ``SUBMITIT_EXECUTOR=slurm``) the job is submitted with
 ``--signal=USR2@<delay>`` and submitit installs its own handlers before our code runs: SIGUSR2 ->
@@ -114,7 +116,9 @@ class PreemptionHandler:
             sigs.append(_submitit_signal())
         self.signals = tuple(sigs)
         self._received: signal.Signals | None = None
+        self._terminated = False  # this process got SIGTERM (scancel, Slurm preemption, time limit)
         self._stop = False
+        self._agreed_terminated = False  # any rank got SIGTERM, agreed at the stop
         self.check_every_s = check_every_s
         self._last_check: tuple[int, float] | None = None  # (step, time.monotonic()) of the last agreement
         self._next_check = 0
@@ -127,6 +131,8 @@ class PreemptionHandler:
         # Only a flag: the signal may land anywhere inside a forward/backward or a collective.
         if self._received is None:
             self._received = signal.Signals(signum)
+        if signum == signal.SIGTERM:
+            self._terminated = True
 
     @property
     def received(self) -> signal.Signals | None:
@@ -165,14 +171,17 @@ class PreemptionHandler:
             device = torch.device("cpu")
             if dist.get_backend() == "nccl":
                 device = torch.device("cuda", torch.cuda.current_device())
-            t = torch.tensor([float(flag), elapsed], dtype=torch.float64, device=device)
+            t = torch.tensor([float(flag), elapsed, float(self._terminated)], dtype=torch.float64, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag, elapsed = bool(t[0].item()), float(t[1].item())
+            flag, elapsed, terminated = bool(t[0].item()), float(t[1].item()), bool(t[2].item())
+        else:
+            terminated = self._terminated
         if step is not None:
             self._schedule(step, elapsed)
             self._last_check = (step, time.monotonic())
         if flag:
             self._stop = True
+            self._agreed_terminated = terminated
             how = self._received.name if self._received is not None else "another rank"
             logger.warning("rank %d: stop requested (%s); checkpointing at this step boundary", _rank(), how)
         return flag
@@ -203,11 +212,22 @@ class PreemptionHandler:
 
         Under sbatch rank 0 runs ``scontrol requeue``; under submitit rank 0 hands over to submitit's
         handler, which requeues and raises ``SystemExit`` (see the module docstring). Elsewhere it only logs:
-        rerunning the same command resumes from the checkpoint.
+        rerunning the same command resumes from the checkpoint. A stop that any rank got as SIGTERM never
+        requeues: that is Slurm ending the job (a ``scancel`` would otherwise be undone).
         """
         global _requeue_requested
         if _distributed():
             dist.barrier()  # requeueing kills the job: nobody may still be writing the checkpoint
+        if self._agreed_terminated:
+            # SIGTERM is Slurm ending the job: `scancel` without --signal, the time limit without a
+            # --signal grace, or preemption (PreemptMode=REQUEUE requeues by itself). Requeueing would
+            # undo a cancel, so only the configured grace signals (USR1; submitit's USR2) requeue.
+            if _rank() == 0:
+                logger.warning(
+                    "stopped by SIGTERM (scancel, time limit or preemption): the job is not requeued; "
+                    "resubmit to resume from the checkpoint"
+                )
+            return
         if self.submitit or slurm_job_id() is not None:
             _requeue_requested = True
         if self.submitit:
