@@ -171,7 +171,9 @@ class PreemptionHandler:
             device = torch.device("cpu")
             if dist.get_backend() == "nccl":
                 device = torch.device("cuda", torch.cuda.current_device())
-            t = torch.tensor([float(flag), elapsed, float(self._terminated)], dtype=torch.float64, device=device)
+            t = torch.tensor(
+                [float(flag), elapsed, float(self._terminated)], dtype=torch.float64, device=device
+            )
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag, elapsed, terminated = bool(t[0].item()), float(t[1].item()), bool(t[2].item())
         else:
