@@ -146,6 +146,23 @@ def test_crowd_excluded_empty_images_and_sharding(example, tmp_path):
     assert counts == {1: 2, 2: 3, 3: 6, 4: 0}
 
 
+def test_more_ranks_than_images(example):
+    """4 ranks on the 3 labelme photos (DALI refuses more shards than images): every rank gets a batch, the
+    validation ranks together cover each image, and the extra rank's copy has its own augmentation."""
+    root, _ = example
+    cfg = _cfg(root / "annotations.json", root)
+    val = [build_detection_loader(cfg, "val", rank=r, world_size=4, micro_batch=1) for r in range(4)]
+    seen = [[info["image_id"] for _, _, _, infos in loader for info in infos] for loader in val]
+    assert all(len(ids) == 1 for ids in seen), seen
+    assert {i for ids in seen for i in ids} == {1, 2, 3} and seen[3] == seen[0]
+    train = [
+        build_detection_loader(cfg, "train", rank=r, world_size=4, seed=3, micro_batch=1) for r in (0, 3)
+    ]
+    (img0, _, t0, i0), (img3, _, t3, i3) = (next(iter(loader)) for loader in train)
+    assert i0[0]["image_id"] == i3[0]["image_id"]  # the same shard ...
+    assert img0.shape != img3.shape or not torch.equal(img0, img3)  # ... augmented differently
+
+
 def test_train_loader_resumes_mid_epoch_exactly(example):
     root, _ = example
     cfg = _cfg(root / "annotations.json", root)

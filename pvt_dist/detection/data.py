@@ -249,6 +249,10 @@ class DetectionLoader:
         self.annotations = annotations or CocoAnnotations(ann_file, self.image_root)
         self.num_samples = len(self.annotations)
         self.batches_per_epoch = batches_per_epoch(self.num_samples, world_size, micro_batch)
+        # DALI cannot cut N images into more than N shards. With more ranks than images (a rehearsal on a
+        # handful of photos), rank r reads shard r mod N: training sees the extra copies with their own
+        # augmentation seeds, evaluation drops them (CocoEvaluator keeps one result per image id).
+        self.reader_shards = max(1, min(world_size, self.num_samples))
         self.data_device = _pick_device(cfg)
         lut = np.full(max(self.annotations.cat_to_label) + 1, -1, dtype=np.int64)
         for cat, label in self.annotations.cat_to_label.items():
@@ -265,8 +269,8 @@ class DetectionLoader:
             self.image_root,
             self.train,
             self.cfg,
-            self.rank,
-            self.world_size,
+            self.rank % self.reader_shards,
+            self.reader_shards,
             "mixed" if gpu else "cpu",
             self.seed,
             batch_size=self.micro_batch,

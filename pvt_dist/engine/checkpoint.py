@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import time
 from typing import Any
@@ -48,9 +49,13 @@ def _test_pause(step: int, rank: int) -> None:
         return
     at, seconds, prefix = spec.split(":", 2)
     if int(at) == step:
+        # Stands for a process that dies inside the save: the launcher's SIGTERM (sent when a peer died)
+        # ends it at once instead of after the launcher's 30 s grace, and it never writes `latest`.
+        previous = signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
         with open(f"{prefix}.rank{rank}", "w") as f:
             f.write(str(os.getpid()))
         time.sleep(float(seconds))
+        signal.signal(signal.SIGTERM, previous)
 
 
 def tag_for(step: int) -> str:
