@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     draw_detections(image, det["boxes"], det["labels"], det["scores"], meta["class_names"]).save(args.out)
     names = meta["class_names"]
     found = [
-        {"class": names[int(lab)], "score": round(float(s), 3), "box": [round(v, 1) for v in b.tolist()]}
+        {
+            "class": names[int(lab)] if int(lab) < len(names) else str(int(lab)),
+            "score": round(float(s), 3),
+            "box": [round(v, 1) for v in b.tolist()],
+        }
         for b, lab, s in zip(det["boxes"], det["labels"], det["scores"])
     ]
     for f in sorted(found, key=lambda f: -f["score"]):

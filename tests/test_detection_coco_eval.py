@@ -109,6 +109,23 @@ def test_missing_image_is_an_error_and_empty_results_score_zero():
     assert ev.summarize(print_fn=None)["AP"] <= 0.0
 
 
+def test_labels_without_a_category_are_dropped():
+    """A 91-class head (the COCO recipe) on a 20-category file: a box labelled 90 has no category, matches
+    nothing and is dropped; the perfect boxes still score AP 1."""
+    root = labelme_example()
+    ann = CocoAnnotations(root / "annotations.json", root)
+    ev = CocoEvaluator(coco_from_dict(ann.dataset), ann.label_to_cat)
+    dets = _perfect(ann, ann.image_ids)
+    for d in dets:
+        d["boxes"] = torch.cat([d["boxes"], torch.tensor([[0.0, 0.0, 50.0, 50.0]])])
+        d["scores"] = torch.cat([d["scores"], torch.tensor([0.95])])
+        d["labels"] = torch.cat([d["labels"], torch.tensor([90])])
+    ev.update(ann.image_ids, dets)
+    ev.synchronize()
+    assert all(len(r) == len(d["labels"]) - 1 for r, d in zip(ev.results.values(), dets))
+    assert ev.summarize(print_fn=None)["AP"] == pytest.approx(1.0)
+
+
 def _gather_worker(rank, port, ann_path, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

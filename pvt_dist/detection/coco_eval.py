@@ -48,6 +48,8 @@ class CocoEvaluator:
             scores = det["scores"].detach().float().cpu().numpy()
             labels = det["labels"].detach().cpu().numpy()
             xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+            # A head with more classes than the annotation file has categories (the COCO recipe's 91 on
+            # another data set) can predict a label with no category: it matches no ground truth, drop it.
             self.results[image_id] = [
                 {
                     "image_id": image_id,
@@ -56,6 +58,7 @@ class CocoEvaluator:
                     "score": float(s),
                 }
                 for b, s, lab in zip(xywh, scores, labels)
+                if int(lab) < len(self.label_to_cat)
             ]
 
     def synchronize(self) -> None:

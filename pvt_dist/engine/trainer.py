@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -129,8 +130,10 @@ class Trainer:
         # data.num_threads within the rank's CPU budget (--cpus-per-task), which DALI and torch share.
         self.dali_threads = pdist.dali_threads(cfg.data.num_threads)
         omp = os.environ.get("OMP_NUM_THREADS")
-        print(f"rank {self.rank}: threads torch {torch.get_num_threads()} (OMP_NUM_THREADS={omp}), "
-              f"DALI {self.dali_threads}, cpu budget {pdist.cpu_budget()}", flush=True)  # fmt: skip
+        line = (f"rank {self.rank}: threads torch {torch.get_num_threads()} (OMP_NUM_THREADS={omp}), "
+                f"DALI {self.dali_threads}, cpu budget {pdist.cpu_budget()}\n")  # fmt: skip
+        sys.stdout.write(line)  # one write: ranks sharing a stdout (srun) do not interleave their lines
+        sys.stdout.flush()
         self.phases = PhaseTimer(device)
         self.profiler = StepProfiler(cfg.logging.profile_steps, self.run_dir, self.rank, device)
 
