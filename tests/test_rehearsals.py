@@ -8,8 +8,8 @@ quarter of the recipe's scales. 2 nodes x 2 tasks (4 ranks) on the cluster's 2 x
 `sbatch --nodes 2 --ntasks-per-node 2 --gpus-per-node 0` (plus `--cpus-per-task 1`: the script's default 10
 does not fit these nodes).
 
-Each run takes minutes on 2 cores (a PVT-Large step is 1024 images), so they are `slow` as well as `slurm`:
-`pytest -m slow tests/test_rehearsals.py`.
+Each run takes 3-5 minutes on 2 cores (a PVT-Large step is 1024 images; measured times in slurm/README.md),
+16 minutes for the four, so they are `slow` as well as `slurm`: `pytest -m slow tests/test_rehearsals.py`.
 """
 
 from __future__ import annotations
