@@ -26,7 +26,7 @@ from pvt_dist.cluster.distributed import DistEnv
 from pvt_dist.cluster.plan import summary_line
 from pvt_dist.config import TrainConfig, config_hash, dump_config, peak_lr, to_dict
 from pvt_dist.data.stream import RETRIES as STREAM_RETRIES
-from pvt_dist.engine.checkpoint import CheckpointManager, check_writable
+from pvt_dist.engine.checkpoint import CheckpointManager, check_writable, read_trainer_state
 from pvt_dist.engine.cpu_bf16 import fp32_gemm, use_fp32_gemm
 from pvt_dist.engine.ds_config import build_deepspeed_config
 from pvt_dist.engine.evaluate import evaluate
@@ -151,24 +151,80 @@ class Trainer:
     def _restore(self, resume_tag: str | None) -> dict:
         """Resume from ``resume_tag`` (engine, step, RNG, data position) or start at step 0.
 
-        The checkpoint's ``checkpoint_identity()`` must match this run's. Returns the checkpoint's client
-        state ({} for a fresh start). The config is written to the run directory only
-        after this, so a refused resume leaves the run's config.yaml as it was.
+        The checkpoint's ``checkpoint_identity()`` must match this run's, except in the world size and ZeRO
+        stage (an elastic resume, see ``_elastic_position``); so must its global batch unless
+        ``checkpoint.allow_global_batch_change``. Returns the checkpoint's client state ({} for a fresh
+        start). The config is written to the run directory only after this, so a refused resume leaves the
+        run's config.yaml as it was.
         """
         self.step, client = 0, {}
         data_epoch, loader_state = 0, None
         if resume_tag is not None:
+            self._check_global_batch(read_trainer_state(self.ckpt.dir, resume_tag), resume_tag)
             client, rank_state, meta = self.ckpt.load(self.engine, resume_tag, self.checkpoint_identity())
             self.step = int(meta["step"])
             if meta.get("config_hash") != config_hash(self.cfg):
                 log.warning("resuming %s with a changed config (hash %s -> %s)",
                             resume_tag, meta.get("config_hash"), config_hash(self.cfg))  # fmt: skip
-            set_rng_state(rank_state["rng"])
-            data_epoch, loader_state = rank_state["data"]["epoch"], rank_state["data"]["loader"]
+            if meta.get("world_size") == self.world:
+                set_rng_state(rank_state["rng"])
+                data_epoch, loader_state = rank_state["data"]["epoch"], rank_state["data"]["loader"]
+            else:
+                data_epoch = self._elastic_position(resume_tag, rank_state, meta["world_size"])
             log.info("resumed from %s at step %d", os.path.join(self.ckpt.dir, resume_tag), self.step)
         self.stream = DataStream(self.train_loader, data_epoch, loader_state)
         self.last_saved = self.step if resume_tag is not None else -1
         return client
+
+    def _check_global_batch(self, meta: dict, tag: str) -> None:
+        """Refuse, before any loading, a resume that would silently change the global batch."""
+        saved, now = meta.get("global_batch"), self.cfg.deepspeed.global_batch
+        if saved is None or saved == now:
+            return
+        ds = self.cfg.deepspeed
+        if not self.cfg.checkpoint.allow_global_batch_change:
+            raise RuntimeError(
+                f"deepspeed.global_batch: checkpoint {os.path.join(self.ckpt.dir, tag)} was trained with a "
+                f"global batch of {saved}, this run has {now} (micro {ds.micro_batch} x accum "
+                f"{ds.grad_accum} x {self.world} ranks). Set deepspeed.global_batch={saved} to keep it "
+                f"(micro batch and accumulation are re-derived for {self.world} ranks), or "
+                "checkpoint.allow_global_batch_change=true to change it"
+            )
+        log.warning(
+            "global batch %d -> %d (checkpoint.allow_global_batch_change): peak lr %s -> %.3g (%s)",
+            saved, now, f"{meta['peak_lr']:.3g}" if "peak_lr" in meta else "?", peak_lr(self.cfg),
+            "optim.scale_lr: lr x global / lr_ref_batch" if self.cfg.optim.scale_lr else "optim.scale_lr off",
+        )  # fmt: skip
+
+    def _elastic_position(self, tag: str, rank_state: dict | None, saved_world: int) -> int:
+        """RNG and data epoch of a resume on another world size; returns the epoch the data stream starts.
+
+        A rank that existed in the writing run continues its RNG stream, a new rank starts one seeded from
+        (seed, step, rank). The data position is per rank for the writing world's rank plan (each rank a
+        range of the epoch), which another world cannot continue: a checkpoint taken mid-epoch resumes at
+        the start of the next epoch and the rest of the interrupted one is not read (logged).
+        """
+        from pvt_dist.data.loader import mix_seed
+
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+        else:
+            seed_all(mix_seed(self.cfg.seed, self.step, self.rank))
+        position = (rank_state or self.ckpt.rank_state(tag, 0))["data"]["loader"]
+        epoch, batch = position["epoch"], position["batch"]
+        n, b, r = position["num_samples"], position["micro_batch"], position.get("repeats", 1)
+        batches = min((n // saved_world) // b, (n // (saved_world * r)) // -(-b // r))  # ShardLoader's
+        if batch == 0:
+            return epoch
+        if self.rank == 0 and batch < batches:
+            log.warning(
+                "elastic resume: %d -> %d ranks mid-epoch %d (batch %d of %d per rank): the data plan of an "
+                "epoch depends on the world size, so the run continues at the start of epoch %d and %d "
+                "samples of epoch %d are not read",
+                saved_world, self.world, epoch, batch, batches, epoch + 1,
+                (batches - batch) * b * saved_world, epoch,
+            )  # fmt: skip
+        return epoch + 1
 
     def _open_logs(self, hparams: dict, hparam_metrics: list[str]) -> None:
         """Write config.yaml; open TensorBoard (appending on resume), with hparams on a fresh run."""
@@ -299,6 +355,8 @@ class Trainer:
         meta = {
             "config_hash": config_hash(self.cfg),
             "epoch": self.step / self.steps_per_epoch,
+            "global_batch": self.cfg.deepspeed.global_batch,
+            "peak_lr": peak_lr(self.cfg),
             **self.checkpoint_identity(),
         }
         self._check_finite_weights()
