@@ -148,6 +148,7 @@ class ShardLoader:
             "rank": self.rank,
             "epoch": self.epoch,
             "batch": self._consumed,
+            "batches_per_epoch": self.batches_per_epoch,
             "world_size": self.world_size,
             "micro_batch": self.micro_batch,
             "repeats": self.repeats,

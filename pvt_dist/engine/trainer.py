@@ -190,10 +190,11 @@ class Trainer:
                 f"(micro batch and accumulation are re-derived for {self.world} ranks), or "
                 "checkpoint.allow_global_batch_change=true to change it"
             )
+        scaled = getattr(self.cfg.optim, "scale_lr", False)  # stage 2 (DETR) never scales its lr
+        lr = peak_lr(self.cfg) if scaled else self.cfg.optim.lr
         log.warning(
-            "global batch %d -> %d (checkpoint.allow_global_batch_change): peak lr %s -> %.3g (%s)",
-            saved, now, f"{meta['peak_lr']:.3g}" if "peak_lr" in meta else "?", peak_lr(self.cfg),
-            "optim.scale_lr: lr x global / lr_ref_batch" if self.cfg.optim.scale_lr else "optim.scale_lr off",
+            "global batch %d -> %d (checkpoint.allow_global_batch_change): peak lr %.3g (%s)", saved, now, lr,
+            "optim.scale_lr: lr x global batch / optim.lr_ref_batch" if scaled else "optim.lr as set",
         )  # fmt: skip
 
     def _elastic_position(self, tag: str, rank_state: dict | None, saved_world: int) -> int:
@@ -211,18 +212,16 @@ class Trainer:
         else:
             seed_all(mix_seed(self.cfg.seed, self.step, self.rank))
         position = (rank_state or self.ckpt.rank_state(tag, 0))["data"]["loader"]
-        epoch, batch = position["epoch"], position["batch"]
-        n, b, r = position["num_samples"], position["micro_batch"], position.get("repeats", 1)
-        batches = min((n // saved_world) // b, (n // (saved_world * r)) // -(-b // r))  # ShardLoader's
+        epoch, batch, batches = position["epoch"], position["batch"], position.get("batches_per_epoch")
         if batch == 0:
             return epoch
-        if self.rank == 0 and batch < batches:
+        if self.rank == 0 and (batches is None or batch < batches):
+            left = "" if batches is None else f"its last {batches - batch} batches per rank "
             log.warning(
-                "elastic resume: %d -> %d ranks mid-epoch %d (batch %d of %d per rank): the data plan of an "
-                "epoch depends on the world size, so the run continues at the start of epoch %d and %d "
-                "samples of epoch %d are not read",
-                saved_world, self.world, epoch, batch, batches, epoch + 1,
-                (batches - batch) * b * saved_world, epoch,
+                "elastic resume: %d -> %d ranks mid-epoch %d (batch %d per rank): the data plan of an epoch "
+                "depends on the world size, so the run continues at the start of epoch %d and %sof epoch %d "
+                "are not read",
+                saved_world, self.world, epoch, batch, epoch + 1, left or "the rest ", epoch,
             )  # fmt: skip
         return epoch + 1
 
@@ -356,7 +355,6 @@ class Trainer:
             "config_hash": config_hash(self.cfg),
             "epoch": self.step / self.steps_per_epoch,
             "global_batch": self.cfg.deepspeed.global_batch,
-            "peak_lr": peak_lr(self.cfg),
             **self.checkpoint_identity(),
         }
         self._check_finite_weights()
