@@ -13,6 +13,7 @@ import shlex
 from dataclasses import dataclass, field
 
 import braceexpand
+import numpy as np
 
 from pvt_dist.data.config import is_remote
 from pvt_dist.paths import stays_inside
@@ -240,3 +241,59 @@ def resolve_shards(
 def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """Global sample range [begin, end) of a rank: DALI's reader shard split (floor(n*r/w))."""
     return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
+
+
+class SampleTable:
+    """Random access to the samples of local shards by global number (shard order), via their index files.
+
+    What a world-size-independent order needs (see order.py): any sample read next, at the cost of two
+    ``pread`` calls (the .jpg and .cls members at their indexed offsets), in any process (the files are
+    opened per process, so DataLoader workers do not share offsets).
+    """
+
+    def __init__(self, shards: ShardSet):
+        if shards.remote:
+            raise ValueError(f"{shards.field}: remote shards cannot be read in random order")
+        self.field, self.urls = shards.field, shards.urls
+        self.labels = [shard_label(u) for u in shards.urls]
+        shard, keys, offsets = [], [], []
+        for s, idx in enumerate(shards.index_paths):
+            for e in read_index(idx):
+                shard.append(s)
+                keys.append(e.key)
+                offsets.append((*e.components["jpg"], *e.components["cls"]))
+        self.shard = np.asarray(shard, dtype=np.int32)
+        self.keys = keys
+        self.offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 4)  # jpg off, size, cls off, size
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _fd(self, s: int) -> int:
+        if self._pid != os.getpid():  # a forked worker: its own descriptors
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(s)
+        if fd is None:
+            fd = self._fds[s] = os.open(self.urls[s], os.O_RDONLY)
+        return fd
+
+    def name(self, i: int) -> str:
+        """Sample name ("shard.tar:key"), as the streamed samples are named."""
+        return f"{self.labels[self.shard[i]]}:{self.keys[i]}"
+
+    def read(self, i: int) -> tuple[bytes, bytes]:
+        """(.jpg bytes, .cls bytes) of sample ``i``."""
+        s = int(self.shard[i])
+        jo, js, co, cs = (int(v) for v in self.offsets[i])
+        fd = self._fd(s)
+        jpg, cls = os.pread(fd, js, jo), os.pread(fd, cs, co)
+        if len(jpg) != js or len(cls) != cs:
+            raise ValueError(f"{self.field}: shard {self.urls[s]}: sample {self.keys[i]!r} is truncated")
+        return jpg, cls
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}

@@ -11,6 +11,7 @@ rank, so a resumed run computes exactly the losses the uninterrupted run would h
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -65,12 +66,21 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Tests only (tests/test_elastic_resume.py): a path prefix; every rank appends the sample keys of each
+# training batch it reads, one JSON line per batch ({"epoch", "keys"}), to PREFIX.rankN.
+KEYS_ENV = "PVT_DIST_TEST_RECORD_KEYS"
+
+
 class DataStream:
     """Endless iterator over a loader's epochs whose position (epoch + loader state) can be saved."""
 
     def __init__(self, loader, epoch: int = 0, loader_state: dict | None = None):
         self.loader = loader
         self.epoch = epoch
+        self._keys_file = None
+        if os.environ.get(KEYS_ENV) and hasattr(loader, "return_keys"):
+            loader.return_keys = True
+            self._keys_file = open(f"{os.environ[KEYS_ENV]}.rank{loader.rank}", "a")  # noqa: SIM115
         loader.set_epoch(epoch)
         if loader_state is not None:
             loader.load_state_dict(loader_state)
@@ -81,7 +91,13 @@ class DataStream:
     def __next__(self):
         for _ in range(2):
             try:
-                return next(self._it)
+                batch = next(self._it)
+                if self._keys_file is not None:
+                    images, labels, keys = batch
+                    self._keys_file.write(json.dumps({"epoch": self.epoch, "keys": keys}) + "\n")
+                    self._keys_file.flush()
+                    batch = images, labels
+                return batch
             except StopIteration:
                 self.epoch += 1
                 self.loader.set_epoch(self.epoch)
@@ -170,7 +186,7 @@ class Trainer:
                 set_rng_state(rank_state["rng"])
                 data_epoch, loader_state = rank_state["data"]["epoch"], rank_state["data"]["loader"]
             else:
-                data_epoch = self._elastic_position(resume_tag, rank_state, meta["world_size"])
+                data_epoch, loader_state = self._elastic_position(resume_tag, rank_state, meta["world_size"])
             log.info("resumed from %s at step %d", os.path.join(self.ckpt.dir, resume_tag), self.step)
         self.stream = DataStream(self.train_loader, data_epoch, loader_state)
         self.last_saved = self.step if resume_tag is not None else -1
@@ -197,13 +213,15 @@ class Trainer:
             "optim.scale_lr: lr x global batch / optim.lr_ref_batch" if scaled else "optim.lr as set",
         )  # fmt: skip
 
-    def _elastic_position(self, tag: str, rank_state: dict | None, saved_world: int) -> int:
-        """RNG and data epoch of a resume on another world size; returns the epoch the data stream starts.
+    def _elastic_position(self, tag: str, rank_state: dict | None, saved_world: int) -> tuple:
+        """RNG and data position of a resume on another world size: (data epoch, loader state or None).
 
         A rank that existed in the writing run continues its RNG stream, a new rank starts one seeded from
-        (seed, step, rank). The data position is per rank for the writing world's rank plan (each rank a
-        range of the epoch), which another world cannot continue: a checkpoint taken mid-epoch resumes at
-        the start of the next epoch and the rest of the interrupted one is not read (logged).
+        (seed, step, rank). In the global order (local shards, ``pvt_dist/data/order.py``) the loader
+        continues from the samples consumed, the same for every rank. Otherwise (remote shards; stage 2)
+        the position is per rank for the writing world's rank plan, which another world cannot continue: a
+        checkpoint taken mid-epoch resumes at the start of the next epoch and the rest of the interrupted
+        one is not read (logged).
         """
         from pvt_dist.data.loader import mix_seed
 
@@ -211,10 +229,18 @@ class Trainer:
             set_rng_state(rank_state["rng"])
         else:
             seed_all(mix_seed(self.cfg.seed, self.step, self.rank))
-        position = (rank_state or self.ckpt.rank_state(tag, 0))["data"]["loader"]
+        data = (rank_state or self.ckpt.rank_state(tag, 0))["data"]
+        position = data["loader"]
+        if position.get("order") == "global":
+            if self.rank == 0:
+                log.info(
+                    "elastic resume: the data continue at epoch %d + %d samples (global order) on %d ranks",
+                    position["epoch"], position["samples"], self.world,
+                )  # fmt: skip
+            return data["epoch"], position
         epoch, batch, batches = position["epoch"], position["batch"], position.get("batches_per_epoch")
         if batch == 0:
-            return epoch
+            return epoch, None
         if self.rank == 0 and (batches is None or batch < batches):
             left = "" if batches is None else f"its last {batches - batch} batches per rank "
             log.warning(
@@ -223,7 +249,7 @@ class Trainer:
                 "are not read",
                 saved_world, self.world, epoch, batch, epoch + 1, left or "the rest ", epoch,
             )  # fmt: skip
-        return epoch + 1
+        return epoch + 1, None
 
     def _open_logs(self, hparams: dict, hparam_metrics: list[str]) -> None:
         """Write config.yaml; open TensorBoard (appending on resume), with hparams on a fresh run."""
