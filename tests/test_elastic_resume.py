@@ -70,6 +70,16 @@ class Runs:
             self.made["base", backend] = losses, d / "keys"
         return self.made["base", backend]
 
+    def other_seed(self, backend: str) -> dict:
+        """Per-step losses of the uninterrupted run with seed 1 (the control of the loss tolerance)."""
+        if ("seed1", backend) not in self.made:
+            d = self.root / f"seed1-{backend}"
+            log = self.root / f"seed1-{backend}.log"
+            rc, out = run("torchrun", self.config(backend), f"run_dir={d}", "seed=1", log=log)
+            assert rc == 0, out[-4000:]
+            self.made["seed1", backend] = steps_logged(d)
+        return self.made["seed1", backend]
+
     def preempted(self, backend: str) -> tuple[Path, Path]:
         """(run dir, keys prefix) of the same run stopped by SIGUSR1 at step STOP; tests resume copies."""
         if ("stop", backend) not in self.made:
@@ -192,8 +202,5 @@ def test_resumed_losses_match_the_uninterrupted_run(nproc, stage, runs, tmp_path
     baseline = runs.baseline("fallback")[0]
     rows = loss_rows(baseline, losses, f"fallback 2 ranks ZeRO-2 -> {nproc} rank(s) ZeRO-{stage}")
     assert max(abs(b - a) for _, a, b in rows) < SAME_TENSORS_TOL
-    other = tmp_path / "seed1"
-    rc, out = run("torchrun", runs.config("fallback"), f"run_dir={other}", "seed=1", log=tmp_path / "s1.log")
-    assert rc == 0, out[-4000:]
-    control = loss_rows(baseline, steps_logged(other), "control: seed 1, uninterrupted")
+    control = loss_rows(baseline, runs.other_seed("fallback"), "control: seed 1, uninterrupted")
     assert max(abs(b - a) for _, a, b in control) > SAME_TENSORS_TOL

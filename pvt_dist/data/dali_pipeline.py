@@ -17,6 +17,7 @@ shard after each pass).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -190,6 +191,20 @@ class OrderSource:
             names.append(as_u8(table.name(i).encode()))
         return jpgs, classes, names
 
+    def undecodable(self, batch: int, prefetch: int) -> str | None:
+        """Where the first JPEG that PIL cannot decode is, in batches ``batch`` .. ``batch + prefetch``
+        (those DALI may have been decoding when it failed), e.g. "shard /d/train-0.tar, sample 'k' (.jpg)"."""
+        from PIL import Image
+
+        table, last = self.loader.table, min(batch + prefetch, self.loader.batches_per_epoch - 1)
+        for b in range(batch, last + 1):
+            for i in self.loader.batch_samples(self.order, b).tolist():
+                try:
+                    Image.open(io.BytesIO(table.read(i)[0])).load()
+                except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
+                    return f"shard {table.urls[table.shard[i]]}, sample {table.keys[i]!r} (.jpg)"
+        return None
+
 
 class DaliLoader(ShardLoader):
     """DALI backend of `build_loader` (see loader.py for the contract)."""
@@ -307,6 +322,8 @@ class DaliLoader(ShardLoader):
                 # DALI names the failing sample by its source_info "/path/shard.tar:offset:key.ext".
                 m = re.search(r"(\S+\.tar):(\d+):([^\s.]+)\.(\w+)", str(e))
                 where = f"shard {m.group(1)}, sample {m.group(3)!r} (.{m.group(4)})" if m else "a shard"
+                if self.global_order:  # an external source has no source_info: find the sample
+                    where = self._source.undecodable(i, self.cfg.prefetch) or where
                 raise RuntimeError(
                     f"{fld}: DALI failed on {where} in epoch {epoch}, batch {i} of rank {self.rank}: {e}"
                 ) from e
