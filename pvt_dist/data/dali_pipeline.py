@@ -182,14 +182,13 @@ class OrderSource:
     def __call__(self, iteration: int):
         # DALI prefetches past the epoch's last batch; those batches are never run.
         batch = min(self.first + iteration, self.loader.batches_per_epoch - 1)
-        table, as_u8 = self.loader.table, lambda b: np.frombuffer(b, dtype=np.uint8)
-        jpgs, classes, names = [], [], []
-        for i in self.loader.batch_samples(self.order, batch).tolist():
-            jpg, cls = table.read(i)
-            jpgs.append(as_u8(jpg))
-            classes.append(as_u8(cls))
-            names.append(as_u8(table.name(i).encode()))
-        return jpgs, classes, names
+        jpgs, classes, names = self.loader.table.read_batch(self.loader.batch_samples(self.order, batch))
+        as_u8 = np.frombuffer
+        return (
+            [as_u8(b, dtype=np.uint8) for b in jpgs],
+            [as_u8(b, dtype=np.uint8) for b in classes],
+            [as_u8(n.encode(), dtype=np.uint8) for n in names],
+        )
 
     def undecodable(self, batch: int, prefetch: int) -> str | None:
         """Where the first JPEG that PIL cannot decode is, in batches ``batch`` .. ``batch + prefetch``
@@ -198,9 +197,10 @@ class OrderSource:
 
         table, last = self.loader.table, min(batch + prefetch, self.loader.batches_per_epoch - 1)
         for b in range(batch, last + 1):
-            for i in self.loader.batch_samples(self.order, b).tolist():
+            indices = self.loader.batch_samples(self.order, b)
+            for i, jpg in zip(indices.tolist(), table.read_batch(indices)[0]):
                 try:
-                    Image.open(io.BytesIO(table.read(i)[0])).load()
+                    Image.open(io.BytesIO(jpg)).load()
                 except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
                     return f"shard {table.urls[table.shard[i]]}, sample {table.keys[i]!r} (.jpg)"
         return None

@@ -82,11 +82,12 @@ class _EpochStream(IterableDataset):
             return
         table = self.loader.table
         for b in range(self.start, self.num_batches):
-            group = []
-            for i in self.loader.batch_samples(self.order, b).tolist():
-                jpg, cls = table.read(i)
-                group.append({"jpg": jpg, "cls": cls, "__url__": table.urls[table.shard[i]],
-                              "__key__": table.keys[i], "__index__": i})  # fmt: skip
+            indices = self.loader.batch_samples(self.order, b)
+            jpgs, classes, _ = table.read_batch(indices)
+            group = [
+                {"jpg": jpg, "cls": cls, "__url__": table.urls[s], "__key__": table.keys[i], "__index__": i}
+                for i, s, jpg, cls in zip(indices.tolist(), table.shard[indices].tolist(), jpgs, classes)
+            ]
             yield b, group, len(group)
 
     def _decode(self, s: dict, seed: int) -> list[torch.Tensor]:

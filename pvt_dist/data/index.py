@@ -246,9 +246,9 @@ def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
 class SampleTable:
     """Random access to the samples of local shards by global number (shard order), via their index files.
 
-    What a world-size-independent order needs (see order.py): any sample read next, at the cost of two
-    ``pread`` calls (the .jpg and .cls members at their indexed offsets), in any process (the files are
-    opened per process, so DataLoader workers do not share offsets).
+    What a world-size-independent order needs (see order.py): any sample read next, at the cost of one
+    ``pread`` (its .jpg and .cls members at their indexed offsets), in any process (the files are opened
+    per process, so DataLoader workers do not share offsets).
     """
 
     def __init__(self, shards: ShardSet):
@@ -279,19 +279,21 @@ class SampleTable:
             fd = self._fds[s] = os.open(self.urls[s], os.O_RDONLY)
         return fd
 
-    def name(self, i: int) -> str:
-        """Sample name ("shard.tar:key"), as the streamed samples are named."""
-        return f"{self.labels[self.shard[i]]}:{self.keys[i]}"
-
-    def read(self, i: int) -> tuple[bytes, bytes]:
-        """(.jpg bytes, .cls bytes) of sample ``i``."""
-        s = int(self.shard[i])
-        jo, js, co, cs = (int(v) for v in self.offsets[i])
-        fd = self._fd(s)
-        jpg, cls = os.pread(fd, js, jo), os.pread(fd, cs, co)
-        if len(jpg) != js or len(cls) != cs:
-            raise ValueError(f"{self.field}: shard {self.urls[s]}: sample {self.keys[i]!r} is truncated")
-        return jpg, cls
+    def read_batch(self, indices: np.ndarray) -> tuple[list[bytes], list[bytes], list[str]]:
+        """(.jpg bytes, .cls bytes, names) of ``indices``: one ``pread`` per sample, spanning both members
+        (they are neighbours in a webdataset tar), and the table looked up once per batch."""
+        shards = self.shard[indices].tolist()
+        rows = self.offsets[indices].tolist()
+        jpgs, classes, names = [], [], []
+        for i, s, (jo, js, co, cs) in zip(indices.tolist(), shards, rows):
+            lo, hi = min(jo, co), max(jo + js, co + cs)
+            blob = os.pread(self._fd(s), hi - lo, lo)
+            if len(blob) != hi - lo:
+                raise ValueError(f"{self.field}: shard {self.urls[s]}: sample {self.keys[i]!r} is truncated")
+            jpgs.append(blob[jo - lo : jo - lo + js])
+            classes.append(blob[co - lo : co - lo + cs])
+            names.append(f"{self.labels[s]}:{self.keys[i]}")
+        return jpgs, classes, names
 
     def close(self) -> None:
         for fd in self._fds.values():
