@@ -65,13 +65,25 @@ def _convert(src: str, dst: str, workers: int) -> None:
             f"checkpoint: converting {src} to a universal checkpoint failed (exit {proc.returncode}); "
             f"{src} is unchanged:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
         )
+    _alias_model_states(tmp)
     _fsync_tree(tmp)
     os.rename(tmp, dst)
-    fd = os.open(parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # ds_to_universal points `latest_universal` next to its output at the temporary name; name the real one.
+    from pvt_dist.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(os.path.join(parent, "latest_universal"), os.path.basename(dst))
+
+
+def _alias_model_states(folder: str) -> None:
+    """Give the client-state file both names a universal load looks for: ZeRO-1/2 engines read
+    ``mp_rank_00_model_states.pt``, ZeRO-3 engines ``zero_pp_rank_0_mp_rank_00_model_states.pt``, and the
+    converter copies only the source stage's. (The weights themselves come from ``zero/``.)"""
+    plain = os.path.join(folder, "mp_rank_00_model_states.pt")
+    zero3 = os.path.join(folder, "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    if os.path.isfile(plain) and not os.path.exists(zero3):
+        shutil.copy2(plain, zero3)
+    elif os.path.isfile(zero3) and not os.path.exists(plain):
+        shutil.copy2(zero3, plain)
 
 
 def ensure_universal(ckpt_dir: str, tag: str, rank: int, source: str, target: str) -> str:
