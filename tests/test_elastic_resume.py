@@ -58,17 +58,18 @@ class Runs:
             path.write_text(elastic_yaml(self.shards, backend))
         return path
 
-    def baseline(self, backend: str) -> tuple[dict, Path]:
-        """(per-step losses, keys prefix) of the uninterrupted 2-rank run."""
-        if ("base", backend) not in self.made:
-            d = self.root / f"base-{backend}"
-            log, env = self.root / f"base-{backend}.log", {KEYS: str(d / "keys")}
-            rc, out = run("torchrun", self.config(backend), f"run_dir={d / 'run'}", log=log, env=env)
+    def baseline(self, backend: str, stage: int = 2) -> tuple[dict, Path]:
+        """(per-step losses, keys prefix) of the uninterrupted 2-rank run at ZeRO-``stage``."""
+        if ("base", backend, stage) not in self.made:
+            d = self.root / f"base-{backend}-{stage}"
+            log, env = self.root / f"base-{backend}-{stage}.log", {KEYS: str(d / "keys")}
+            args = (f"run_dir={d / 'run'}", f"deepspeed.zero_stage={stage}")
+            rc, out = run("torchrun", self.config(backend), *args, log=log, env=env)
             assert rc == 0, out[-6000:]
             losses = steps_logged(d / "run")
             assert sorted(losses) == list(range(1, STEPS + 1))
-            self.made["base", backend] = losses, d / "keys"
-        return self.made["base", backend]
+            self.made["base", backend, stage] = losses, d / "keys"
+        return self.made["base", backend, stage]
 
     def other_seed(self, backend: str) -> dict:
         """Per-step losses of the uninterrupted run with seed 1 (the control of the loss tolerance)."""
@@ -80,14 +81,15 @@ class Runs:
             self.made["seed1", backend] = steps_logged(d)
         return self.made["seed1", backend]
 
-    def preempted(self, backend: str) -> tuple[Path, Path]:
+    def preempted(self, backend: str, stage: int = 2) -> tuple[Path, Path]:
         """(run dir, keys prefix) of the same run stopped by SIGUSR1 at step STOP; tests resume copies."""
-        if ("stop", backend) not in self.made:
-            d = self.root / f"stop-{backend}"
+        if ("stop", backend, stage) not in self.made:
+            d = self.root / f"stop-{backend}-{stage}"
             run_dir, marker = d / "run", d / "paused"
             env = {"PVT_DIST_TEST_PAUSE_BEFORE_LATEST": f"{STOP}:3:{marker}", KEYS: str(d / "keys")}
             d.mkdir()
-            proc = launch("torchrun", self.config(backend), f"run_dir={run_dir}", log=d / "run.log", env=env)
+            args = (f"run_dir={run_dir}", f"deepspeed.zero_stage={stage}")
+            proc = launch("torchrun", self.config(backend), *args, log=d / "run.log", env=env)
             wait_until(lambda: Path(f"{marker}.rank0").is_file(), proc, 300, f"the step-{STOP} save")
             for pid in rank_pids(proc.pid).values():
                 os.kill(pid, signal.SIGUSR1)
@@ -95,8 +97,8 @@ class Runs:
             out = proc.log_path.read_text()
             assert rc == 0 and f"stopped for preemption at step {STOP} " in out, out[-4000:]
             assert latest(run_dir) == f"step_{STOP:08d}" and max(steps_logged(run_dir)) == STOP
-            self.made["stop", backend] = run_dir, d / "keys"
-        return self.made["stop", backend]
+            self.made["stop", backend, stage] = run_dir, d / "keys"
+        return self.made["stop", backend, stage]
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +121,11 @@ def tree_digest(path: Path) -> dict[str, str]:
             if p.is_file()}  # fmt: skip
 
 
-def resume(runs: Runs, backend: str, tmp_path: Path, nproc: int, *overrides: str) -> tuple[Path, str, Path]:
-    """Resume a copy of the preempted run on ``nproc`` ranks: (run dir, output, keys prefix)."""
-    preempted, _ = runs.preempted(backend)
+def resume(
+    runs: Runs, backend: str, tmp_path: Path, nproc: int, *overrides: str, stage: int = 2
+) -> tuple[Path, str, Path]:
+    """Resume a copy of the ZeRO-``stage`` preempted run on ``nproc`` ranks: (run dir, output, keys)."""
+    preempted, _ = runs.preempted(backend, stage)
     run_dir, keys = tmp_path / "run", tmp_path / "keys"
     shutil.copytree(preempted, run_dir)
     original = run_dir / "checkpoints" / f"step_{STOP:08d}"
@@ -144,11 +148,13 @@ def conversion_seconds(out: str, source: str, target: str) -> float:
     return float(m.group(2))
 
 
-def check_steps_and_keys(runs: Runs, backend: str, run_dir: Path, keys: Path, world: int) -> dict[int, float]:
+def check_steps_and_keys(
+    runs: Runs, backend: str, run_dir: Path, keys: Path, world: int, stage: int = 2
+) -> dict[int, float]:
     """Every step once, ending at STEPS, the steps before the stop the baseline's own; over the epoch the
     keys read are the split's, each once, and every step reads the baseline's step's samples."""
-    baseline, base_keys = runs.baseline(backend)
-    _, stop_keys = runs.preempted(backend)
+    baseline, base_keys = runs.baseline(backend, stage)
+    _, stop_keys = runs.preempted(backend, stage)
     losses = steps_logged(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert all(losses[s] == baseline[s] for s in range(1, STOP + 1))
@@ -192,15 +198,25 @@ def test_preempted_run_resumes_on_one_rank(stage, runs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc, stage", [(1, 2), (2, 3)], ids=["1-rank-zero2", "2-ranks-zero3"])
-def test_resumed_losses_match_the_uninterrupted_run(nproc, stage, runs, tmp_path):
-    """Fallback backend (augmentation by global sample number): resumed on 1 rank, or on 2 at ZeRO-3, the
-    next 5 losses are the uninterrupted run's within SAME_TENSORS_TOL; a run with another seed is not."""
-    run_dir, out, keys = resume(runs, "fallback", tmp_path, nproc, f"deepspeed.zero_stage={stage}")
-    conversion_seconds(out, "2 ranks, ZeRO-2", f"{nproc} ranks, ZeRO-{stage}")
-    losses = check_steps_and_keys(runs, "fallback", run_dir, keys, nproc)
-    baseline = runs.baseline("fallback")[0]
-    rows = loss_rows(baseline, losses, f"fallback 2 ranks ZeRO-2 -> {nproc} rank(s) ZeRO-{stage}")
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_resumed_losses_match_the_uninterrupted_run(stage, runs, tmp_path):
+    """Fallback backend (augmentation by global sample number), 2 ranks -> 1 rank at the same ZeRO stage:
+    the next 5 losses are the uninterrupted run's within SAME_TENSORS_TOL; a run with another seed is not.
+    ZeRO-3 -> ZeRO-2 is refused before anything is converted (DeepSpeed cannot load it)."""
+    if stage == 3:
+        refused = tmp_path / "refused"
+        shutil.copytree(runs.preempted("fallback", 3)[0], refused)
+        rc, out = run("single", runs.config("fallback"), f"run_dir={refused}", "deepspeed.zero_stage=2",
+                      log=tmp_path / "refused.log")  # fmt: skip
+        assert rc != 0 and "do not cross between ZeRO-1/2 and ZeRO-3" in out, out[-4000:]
+        assert not (refused / "checkpoints" / f"step_{STOP:08d}_universal").exists()
+        assert max(steps_logged(refused)) == STOP
+    run_dir, out, keys = resume(runs, "fallback", tmp_path, 1, f"deepspeed.zero_stage={stage}", stage=stage)
+    seconds = conversion_seconds(out, f"2 ranks, ZeRO-{stage}", f"1 ranks, ZeRO-{stage}")
+    print(f"\n[elastic] ds_to_universal 2 ranks ZeRO-{stage} -> 1 rank ZeRO-{stage}: {seconds:.1f} s")
+    losses = check_steps_and_keys(runs, "fallback", run_dir, keys, 1, stage)
+    baseline = runs.baseline("fallback", stage)[0]
+    rows = loss_rows(baseline, losses, f"fallback 2 ranks ZeRO-{stage} -> 1 rank ZeRO-{stage}")
     assert max(abs(b - a) for _, a, b in rows) < SAME_TENSORS_TOL
     control = loss_rows(baseline, runs.other_seed("fallback"), "control: seed 1, uninterrupted")
     assert max(abs(b - a) for _, a, b in control) > SAME_TENSORS_TOL

@@ -320,6 +320,15 @@ class CheckpointManager:
                     f"checkpoints into ZeRO optimizers only. Resume with deepspeed.zero_stage >= 1, or "
                     f"{self._export_hint()}"
                 )
+            if (stage == 3) != (new_stage == 3):
+                # DeepSpeed 0.19's ZeRO-3 universal loader reads the optimizer state in the layout its own
+                # ZeRO-3 conversion writes (KeyError 'optimizer_state_dict' on a ZeRO-1/2 conversion).
+                same = "3" if stage == 3 else "1 or 2"
+                raise RuntimeError(
+                    f"checkpoint {path} ({source}) cannot resume at ZeRO-{new_stage}: DeepSpeed's universal "
+                    f"checkpoints do not cross between ZeRO-1/2 and ZeRO-3. Resume with "
+                    f"deepspeed.zero_stage={same} (any world size), or {self._export_hint()}"
+                )
             return ensure_universal(self.dir, tag, self.rank, source, target)
         if new_stage != 0:
             raise RuntimeError(
