@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--aug", default="recipe", choices=["recipe", "basic"],
                    help="train rows: recipe = RandAugment + random erasing; basic = crop + flip")  # fmt: skip
     p.add_argument("--backends", nargs="+", default=["dali", "fallback"], choices=["dali", "fallback"])
+    p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
     for backend, dali_device, out_device, workers in [s for s in setups if s[0] in args.backends]:
         decode = "mixed" if dali_device == "gpu" else dali_device
         label = "-" if workers is None else str(workers)
-        for split in ("train", "val"):
+        for split in args.splits:
             row = dict(backend=backend, device=decode, fallback_workers=workers, split=split,
                        augmentation=(aug or None) if split == "train" else None)  # fmt: skip
             if out_device == "cuda" and not torch.cuda.is_available():

@@ -68,8 +68,11 @@ def finish(proc: subprocess.Popen, timeout: float) -> int:
     return rc
 
 
-def run(launcher: str, config: Path, *overrides: str, log: Path, nproc: int = 2, timeout: float = 300):
-    proc = launch(launcher, config, *overrides, log=log, nproc=nproc)
+def run(
+    launcher: str, config: Path, *overrides: str, log: Path, nproc: int = 2, timeout: float = 300,
+    env: dict | None = None,
+):  # fmt: skip
+    proc = launch(launcher, config, *overrides, log=log, nproc=nproc, env=env)
     return finish(proc, timeout), log.read_text()
 
 

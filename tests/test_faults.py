@@ -1,5 +1,6 @@
 """Fault injection on real runs, processes and checkpoints: killed and hung ranks, a kill during a checkpoint
-save, a full or read-only checkpoint directory, a NaN loss and a resume with another world size.
+save, a full or read-only checkpoint directory, a NaN loss and a resume with another world size (refused
+when it would change the global batch, else through a universal checkpoint).
 
 Every fault is real (SIGKILL/SIGSTOP of a training process found through /proc, a tmpfs that fills up, a
 read-only mount, an lr that overflows fp32); nothing of DeepSpeed or the data pipeline is mocked. Runs train
@@ -43,7 +44,8 @@ pytestmark = pytest.mark.faults
 def test_sigkilled_rank_ends_every_rank_and_restart_resumes(fault_config, tmp_path):
     """torchrun, 2 ranks: rank 1 SIGKILLed mid-step -> all ranks gone, non-zero exit, within seconds; the
     same command resumes from the last complete checkpoint and recomputes the lost steps identically.
-    A resume with 1 rank is then refused, pointing to `python -m pvt_dist.export`, which works."""
+    A resume with 1 rank that would change the global batch is then refused; keeping it, the run resumes on
+    1 rank (universal checkpoint) and its export loads."""
     run_dir = tmp_path / "run"
     every = "checkpoint.every_steps=4"  # saves at 4 and 8: the kill after step 5 leaves 3 steps' margin
     proc = launch("torchrun", fault_config, f"run_dir={run_dir}", every, log=tmp_path / "run1.log")
@@ -76,18 +78,28 @@ def test_sigkilled_rank_ends_every_rank_and_restart_resumes(fault_config, tmp_pa
     print(f"[faults] restart resumed at step {saved} and recomputed steps {lost} identically")
     assert latest(run_dir) == f"step_{STEPS:08d}"
 
-    # Resume with another world size: refused before any step, naming both sizes and the export.
+    # Resume with another world size. The global batch (2 x 16) would silently become 1 x 16: refused
+    # before anything is loaded or written, naming the key that keeps it.
     config_before = (run_dir / "config.yaml").read_text()
     metrics_before = (run_dir / "metrics.jsonl").read_text()
-    rc, out = run(
-        "single", fault_config, f"run_dir={run_dir}", "schedule.total_steps=12", log=tmp_path / "ws.log"
-    )
+    more = "schedule.total_steps=12"
+    rc, out = run("single", fault_config, f"run_dir={run_dir}", more, log=tmp_path / "ws.log")
     assert rc != 0
-    assert "was written by 2 ranks, this run has 1" in out, out[-4000:]
-    assert f"python -m pvt_dist.export {run_dir}" in out
+    assert "was trained with a global batch of 32, this run has 16" in out, out[-4000:]
+    assert "deepspeed.global_batch=32" in out
     assert latest(run_dir) == f"step_{STEPS:08d}"
     assert (run_dir / "metrics.jsonl").read_text() == metrics_before
     assert (run_dir / "config.yaml").read_text() == config_before, "a refused resume rewrote config.yaml"
+    assert not (run_dir / "checkpoints" / f"step_{STEPS:08d}_universal").exists()
+    # Keeping it (micro 16 x accum 2 on 1 rank): the ZeRO-1 partitions of 2 ranks load on 1 through a
+    # universal checkpoint, and the run goes on to its new end with every step once.
+    keep = ("deepspeed.global_batch=32", "deepspeed.grad_accum=null")
+    rc, out = run("single", fault_config, f"run_dir={run_dir}", more, *keep, log=tmp_path / "ws2.log")
+    assert rc == 0, out[-6000:]
+    assert "elastic resume: 2 ranks, ZeRO-1 -> 1 ranks, ZeRO-1, converted" in out, out[-4000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{STEPS:08d}'} at step {STEPS}" in out
+    assert sorted(steps_logged(run_dir)) == list(range(1, 13))
+    assert latest(run_dir) == "step_00000012"
     sd = export_and_load(run_dir, tmp_path / "weights.pth")
     assert all(torch.isfinite(v).all() for v in sd.values())
 
@@ -375,7 +387,8 @@ def test_signal_during_a_checkpoint_save_neither_corrupts_nor_saves_twice(fault_
     assert latest(run_dir) == tag and assert_complete(run_dir, tag)["step"] == 4
     assert out.count(f"saved checkpoint {run_dir / 'checkpoints' / tag} ") == 1, out[-4000:]
     assert max(steps_logged(run_dir)) == 4
-    rc, out = run("single", fault_config, f"run_dir={run_dir}", log=tmp_path / "resume.log")
-    assert rc != 0 and "was written by 2 ranks" in out, (
-        "the checkpoint must be readable (then refused: 1 rank)"
-    )
+    # The checkpoint is readable: it resumes (on 1 rank, the same global batch) and the run completes.
+    keep = ("deepspeed.global_batch=32", "deepspeed.grad_accum=null")
+    rc, out = run("single", fault_config, f"run_dir={run_dir}", *keep, log=tmp_path / "resume.log")
+    assert rc == 0 and "resumed from" in out and "at step 4" in out, out[-4000:]
+    assert sorted(steps_logged(run_dir)) == list(range(1, STEPS + 1))

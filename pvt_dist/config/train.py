@@ -149,7 +149,11 @@ class CheckpointConfig:
     keep_last: int = 3
     """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
     resume: bool = True
-    """Resume from ``RUN_DIR/checkpoints/latest`` when it exists."""
+    """Resume from ``RUN_DIR/checkpoints/latest`` when it exists; on another world size or ZeRO stage too
+    (converted once to DeepSpeed's universal format, next to the original)."""
+    allow_global_batch_change: bool = False
+    """Let a resume change the global batch the checkpoint was trained with (the peak lr then follows
+    ``optim.scale_lr``). Off: such a resume is refused; set ``deepspeed.global_batch`` to keep it."""
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """DALI pipelines: one definition for GPU ("mixed" nvJPEG decoding + GPU ops) and CPU (device_id=None).
 
-Local shards are read by DALI's webdataset reader with the index files; remote shards (http, s3, pipe:)
-are streamed by the webdataset library into `fn.external_source` and decoded by the same graph.
+Training samples of local shards come in the global order (loader.py, order.py) from `OrderSource`, read
+by offset through the index files, into `fn.external_source`; validation of local shards is read by DALI's
+webdataset reader with the index files; remote shards (http, s3, pipe:) are streamed by the webdataset
+library into `fn.external_source`. The same graph decodes and augments all of them.
 
 Training builds a fresh pipeline per epoch with a seed from (seed, epoch, rank): an epoch's reader plan
 (the rank's slot, which rotates with the epoch, its seed, and a length of full batches of the shortest
@@ -15,6 +17,7 @@ shard after each pass).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -168,6 +171,41 @@ def _name(raw: np.ndarray) -> str:
     return text
 
 
+class OrderSource:
+    """``fn.external_source`` callable of the global order (order.py): iteration i -> this rank's batch
+    ``first + i`` of the epoch, as encoded .jpg, raw .cls and "shard.tar:key" names (uint8 arrays)."""
+
+    def __init__(self, loader: ShardLoader, epoch: int, first: int):
+        self.loader, self.first = loader, first
+        self.order = loader.epoch_order(epoch)
+
+    def __call__(self, iteration: int):
+        # DALI prefetches past the epoch's last batch; those batches are never run.
+        batch = min(self.first + iteration, self.loader.batches_per_epoch - 1)
+        jpgs, classes, names = self.loader.table.read_batch(self.loader.batch_samples(self.order, batch))
+        as_u8 = np.frombuffer
+        return (
+            [as_u8(b, dtype=np.uint8) for b in jpgs],
+            [as_u8(b, dtype=np.uint8) for b in classes],
+            [as_u8(n.encode(), dtype=np.uint8) for n in names],
+        )
+
+    def undecodable(self, batch: int, prefetch: int) -> str | None:
+        """Where the first JPEG that PIL cannot decode is, in batches ``batch`` .. ``batch + prefetch``
+        (those DALI may have been decoding when it failed), e.g. "shard /d/train-0.tar, sample 'k' (.jpg)"."""
+        from PIL import Image
+
+        table, last = self.loader.table, min(batch + prefetch, self.loader.batches_per_epoch - 1)
+        for b in range(batch, last + 1):
+            indices = self.loader.batch_samples(self.order, b)
+            for i, jpg in zip(indices.tolist(), table.read_batch(indices)[0]):
+                try:
+                    Image.open(io.BytesIO(jpg)).load()
+                except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
+                    return f"shard {table.urls[table.shard[i]]}, sample {table.keys[i]!r} (.jpg)"
+        return None
+
+
 class DaliLoader(ShardLoader):
     """DALI backend of `build_loader` (see loader.py for the contract)."""
 
@@ -187,6 +225,7 @@ class DaliLoader(ShardLoader):
                 else (torch.cuda.current_device())
             )
         self._pipe = None
+        self._source: OrderSource | None = None
         self._val_pipe = None  # kept between evaluations once a pass has completed
 
     def _build(self, epoch: int, start_batch: int, checkpoint):
@@ -200,7 +239,17 @@ class DaliLoader(ShardLoader):
             seed=seed,
             prefetch_queue_depth=cfg.prefetch,
         )
-        if shards.remote:
+        if self.global_order:
+            first, dali_state = (
+                (checkpoint["first"], checkpoint["dali"]) if checkpoint else (start_batch, None)
+            )
+            self._source = OrderSource(self, epoch, first)
+            # DALI checkpoints the source's iteration with its RNGs: a restore continues both.
+            pipe = image_pipeline(
+                cfg=cfg, train=True, gpu=self.gpu, source=self._source, repeats=self.repeats,
+                checkpoint=dali_state, **kw,
+            )  # fmt: skip
+        elif shards.remote:
             source = external_source_batches(
                 shards, begin, end, seed if self.train else None, cfg.shuffle_buffer,
                 self.batches_per_epoch, self.unique_batch, start_batch,
@@ -233,6 +282,8 @@ class DaliLoader(ShardLoader):
         # Remote streams are positioned by skipping consumed batches; the reader state is local-only.
         if self._pipe is None or self.shards.remote:
             return None
+        if self.global_order:
+            return {"dali": self._pipe.checkpoint(), "first": self._source.first}
         return self._pipe.checkpoint()
 
     def _to_torch(self, tl) -> torch.Tensor:
@@ -248,7 +299,8 @@ class DaliLoader(ShardLoader):
 
     def _run_epoch(self, epoch, start_batch, backend_state):
         local = not self.shards.remote
-        exact = backend_state is not None or start_batch == 0 or not local
+        positioned = not local or self.global_order  # the source itself starts at start_batch
+        exact = backend_state is not None or start_batch == 0 or positioned
         # A local mid-epoch position without a DALI checkpoint (a hand-made state) is reached by replaying
         # the epoch: slower, but the same samples and augmentations.
         reuse = local and not self.train
@@ -256,10 +308,12 @@ class DaliLoader(ShardLoader):
             # Taken, not shared: a pass abandoned halfway leaves the reader mid-shard, so it is not kept.
             self._pipe, self._val_pipe = self._val_pipe, None
         else:
-            self._pipe = self._build(epoch, start_batch if not local else 0, backend_state if local else None)
+            self._pipe = self._build(
+                epoch, start_batch if positioned else 0, backend_state if local else None
+            )
         first = start_batch if exact else 0
         begin, end = self.rank_samples(epoch)
-        real_total = end - begin
+        real_total = end - begin if not self.global_order else self.num_samples  # train: full batches
         fld = self.shards.field
         for i in range(first, self.batches_per_epoch):
             try:
@@ -268,6 +322,8 @@ class DaliLoader(ShardLoader):
                 # DALI names the failing sample by its source_info "/path/shard.tar:offset:key.ext".
                 m = re.search(r"(\S+\.tar):(\d+):([^\s.]+)\.(\w+)", str(e))
                 where = f"shard {m.group(1)}, sample {m.group(3)!r} (.{m.group(4)})" if m else "a shard"
+                if self.global_order:  # an external source has no source_info: find the sample
+                    where = self._source.undecodable(i, self.cfg.prefetch) or where
                 raise RuntimeError(
                     f"{fld}: DALI failed on {where} in epoch {epoch}, batch {i} of rank {self.rank}: {e}"
                 ) from e

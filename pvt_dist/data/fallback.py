@@ -68,6 +68,27 @@ class _EpochStream(IterableDataset):
         self.num_batches, self.batch, self.start = loader.batches_per_epoch, loader.unique_batch, start_batch
         self.repeats, self.micro_batch = loader.repeats, loader.micro_batch
         self.transform = build_transform(self.cfg, self.train)
+        self.loader, self.order = loader, loader.epoch_order(epoch) if loader.global_order else None
+        if self.order is not None:  # augmentation from (seed, epoch, position): the same at any world size
+            self.seed = mix_seed(loader.order_seed(epoch), 1)
+
+    def _batches(self):
+        """(batch index, samples, real count) of this rank from `start` on, in the global or rank order."""
+        if self.order is None:
+            stream = rank_stream(
+                self.shards, self.begin, self.end, self.seed if self.train else None, self.cfg.shuffle_buffer
+            )
+            yield from epoch_batches(stream, self.end - self.begin, self.num_batches, self.batch, self.start)
+            return
+        table = self.loader.table
+        for b in range(self.start, self.num_batches):
+            indices = self.loader.batch_samples(self.order, b)
+            jpgs, classes, _ = table.read_batch(indices)
+            group = [
+                {"jpg": jpg, "cls": cls, "__url__": table.urls[s], "__key__": table.keys[i], "__index__": i}
+                for i, s, jpg, cls in zip(indices.tolist(), table.shard[indices].tolist(), jpgs, classes)
+            ]
+            yield b, group, len(group)
 
     def _decode(self, s: dict, seed: int) -> list[torch.Tensor]:
         """The sample's `repeats` views, each transformed with its own seed (view 0: `seed` itself)."""
@@ -88,18 +109,16 @@ class _EpochStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        stream = rank_stream(
-            self.shards, self.begin, self.end, self.seed if self.train else None, self.cfg.shuffle_buffer
-        )
-        for b, group, real in epoch_batches(
-            stream, self.end - self.begin, self.num_batches, self.batch, self.start
-        ):
+        for b, group, real in self._batches():
             if (b - self.start) % nw != wid:
                 continue
             # With num_workers=0 this runs in the trainer's process between steps: leave its RNGs as found.
             py_state, torch_state = random.getstate(), torch.get_rng_state()
             try:
-                per_sample = [self._decode(s, mix_seed(self.seed, b, j)) for j, s in enumerate(group)]
+                # Per sample: (batch, slot) in its rank's epoch, or its global number in the global order.
+                seeds = [mix_seed(self.seed, *((s["__index__"],) if "__index__" in s else (b, j)))
+                         for j, s in enumerate(group)]  # fmt: skip
+                per_sample = [self._decode(s, seed) for s, seed in zip(group, seeds)]
                 # [view 0 of every sample, view 1, ...], the DALI backend's layout
                 images = torch.stack([views[v] for v in range(self.repeats) for views in per_sample])
                 images = images[: self.micro_batch]

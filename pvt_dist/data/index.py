@@ -13,6 +13,7 @@ import shlex
 from dataclasses import dataclass, field
 
 import braceexpand
+import numpy as np
 
 from pvt_dist.data.config import is_remote
 from pvt_dist.paths import stays_inside
@@ -240,3 +241,61 @@ def resolve_shards(
 def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """Global sample range [begin, end) of a rank: DALI's reader shard split (floor(n*r/w))."""
     return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
+
+
+class SampleTable:
+    """Random access to the samples of local shards by global number (shard order), via their index files.
+
+    What a world-size-independent order needs (see order.py): any sample read next, at the cost of one
+    ``pread`` (its .jpg and .cls members at their indexed offsets), in any process (the files are opened
+    per process, so DataLoader workers do not share offsets).
+    """
+
+    def __init__(self, shards: ShardSet):
+        if shards.remote:
+            raise ValueError(f"{shards.field}: remote shards cannot be read in random order")
+        self.field, self.urls = shards.field, shards.urls
+        self.labels = [shard_label(u) for u in shards.urls]
+        shard, keys, offsets = [], [], []
+        for s, idx in enumerate(shards.index_paths):
+            for e in read_index(idx):
+                shard.append(s)
+                keys.append(e.key)
+                offsets.append((*e.components["jpg"], *e.components["cls"]))
+        self.shard = np.asarray(shard, dtype=np.int32)
+        self.keys = keys
+        self.offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 4)  # jpg off, size, cls off, size
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _fd(self, s: int) -> int:
+        if self._pid != os.getpid():  # a forked worker: its own descriptors
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(s)
+        if fd is None:
+            fd = self._fds[s] = os.open(self.urls[s], os.O_RDONLY)
+        return fd
+
+    def read_batch(self, indices: np.ndarray) -> tuple[list[bytes], list[bytes], list[str]]:
+        """(.jpg bytes, .cls bytes, names) of ``indices``: one ``pread`` per sample, spanning both members
+        (they are neighbours in a webdataset tar), and the table looked up once per batch."""
+        shards = self.shard[indices].tolist()
+        rows = self.offsets[indices].tolist()
+        jpgs, classes, names = [], [], []
+        for i, s, (jo, js, co, cs) in zip(indices.tolist(), shards, rows):
+            lo, hi = min(jo, co), max(jo + js, co + cs)
+            blob = os.pread(self._fd(s), hi - lo, lo)
+            if len(blob) != hi - lo:
+                raise ValueError(f"{self.field}: shard {self.urls[s]}: sample {self.keys[i]!r} is truncated")
+            jpgs.append(blob[jo - lo : jo - lo + js])
+            classes.append(blob[co - lo : co - lo + cs])
+            names.append(f"{self.labels[s]}:{self.keys[i]}")
+        return jpgs, classes, names
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}

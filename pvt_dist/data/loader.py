@@ -1,22 +1,26 @@
-"""Loader contract shared by the DALI and fallback backends: rank plan, epochs, resume state, device.
+"""Loader contract shared by the DALI and fallback backends: sample plan, epochs, resume state, device.
 
-Rank plan. The samples of a split are numbered in shard order (n = total). Rank r of w reads the
-contiguous range [n*s/w, n*(s+1)/w) with s = r for validation and s = (r + epoch) % w for training, so
-over epochs every rank sees every part of the data. That is exactly DALI's webdataset reader split for
-`shard_id=s, num_shards=w`, so both backends agree on which samples a rank owns.
+Training on local shards follows one order for the whole split (order.py): epoch e is a permutation of
+the split seeded by (seed, e), and rank r of w reads batch b from positions [(b w + r) u, (b w + r + 1) u)
+of it, u = ceil(micro_batch / repeats). Global step s therefore reads the same samples at every world size
+that makes the same global batch, and the position in an epoch is the number of samples consumed. The
+samples are read by random access through the DALI index files (index.SampleTable); DALI gets them through
+``fn.external_source`` and still decodes and augments them.
 
-- train: batches_per_epoch = (n // w) // micro_batch on every rank (the shortest rank range, full
-  batches only); the rest of a rank's range is shuffled away for that epoch.
-- train with repeated augmentation r > 1: the split is cut into w*r ranges and rank q reads range
-  (q*r + epoch) % (w*r), ceil(micro_batch / r) samples per batch, each augmented r times (layout
-  [view 0 of every sample, view 1, ...], cut to micro_batch). Epochs keep their length in batches (a
-  little shorter when r does not divide micro_batch); the ranks read disjoint ranges in every epoch and
-  each rank has visited every range after w*r epochs.
-- val: batches_per_epoch = ceil(ceil(n / w) / micro_batch); slots past the rank's own range are padding
-  with label -1, so every sample is scored exactly once across ranks.
+- train: batches_per_epoch = (n // r) // (w u), full batches only (the rest is left for that epoch).
+- train with repeated augmentation r > 1: the epoch's order is cut to n // r samples, each read once and
+  augmented r times (layout [view 0 of every sample, view 1, ...], cut to micro_batch), so epochs keep
+  their length in batches (a little shorter when r does not divide micro_batch).
+- remote shards can only be streamed: rank r of w reads the contiguous range [n*s/w, n*(s+1)/w) with
+  s = (r + epoch) % w (with r > 1 repeats: w*r ranges, range (q*r + epoch) % (w*r)), buffer-shuffled,
+  so their data position only holds for the world that wrote it.
+- val: rank r reads range r; batches_per_epoch = ceil(ceil(n / w) / micro_batch); slots past the rank's
+  own range are padding with label -1, so every sample is scored exactly once across ranks.
 
-Order and augmentation are a function of (seed, epoch, rank); `state_dict()` taken between batches
-lets a new loader continue the epoch with exactly the batches that were not consumed yet.
+Augmentation is a function of (seed, epoch, rank) (DALI) or of (seed, epoch, sample) (fallback, global
+order). `state_dict()` taken between batches lets a new loader continue the epoch with exactly the
+batches that were not consumed yet: an identical loader also with the same augmentations (the DALI
+checkpoint), one of another world size or micro batch in the global order with the same samples.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ import math
 import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
+from pvt_dist.data import order
 from pvt_dist.data.config import DataConfig
-from pvt_dist.data.index import ShardSet, rank_range, resolve_shards
+from pvt_dist.data.index import SampleTable, ShardSet, rank_range, resolve_shards
 
 
 def mix_seed(*parts: int) -> int:
@@ -102,9 +108,16 @@ class ShardLoader:
         self.unique_batch = -(-micro_batch // self.repeats)  # distinct samples read per batch (ceil)
         self.num_slots = world_size * self.repeats
         n, w, b = self.num_samples, world_size, micro_batch
-        if self.train:
+        # Local training shards follow one order for the whole split (order.py); remote shards can only be
+        # streamed, so each rank streams its own range of them.
+        self.global_order = self.train and not shards.remote
+        self.table = SampleTable(shards) if self.global_order else None
+        if self.global_order:
+            self.batches_per_epoch = order.batches_per_epoch(n, w, self.unique_batch, self.repeats)
+        elif self.train:
             # The shortest range must feed every batch: with r > 1 that is n // (w r) // ceil(b / r).
             self.batches_per_epoch = min((n // w) // b, (n // self.num_slots) // self.unique_batch)
+        if self.train:
             if self.batches_per_epoch == 0:
                 raise ValueError(
                     f"{shards.field}: {n} samples cannot fill one batch of {b} on each of {w} ranks"
@@ -133,6 +146,18 @@ class ShardLoader:
     def epoch_seed(self, epoch: int) -> int:
         return mix_seed(self.seed, epoch, self.rank, self.train)
 
+    def order_seed(self, epoch: int) -> int:
+        """Seed of the epoch's global order: (seed, epoch) only, the same on every rank and world size."""
+        return mix_seed(self.seed, epoch, 0x6F72646572)  # "order"
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The epoch's samples in reading order, for every rank (global order only)."""
+        return order.epoch_order(self.num_samples, self.order_seed(epoch), self.repeats)
+
+    def batch_samples(self, sequence: np.ndarray, batch: int) -> np.ndarray:
+        """Global numbers of the samples this rank reads in ``batch`` of the epoch ``sequence``."""
+        return sequence[order.batch_positions(batch, self.rank, self.world_size, self.unique_batch)]
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration runs; a pending resume of another epoch is dropped."""
         if self._resume is not None and self._resume["epoch"] != epoch:
@@ -148,44 +173,64 @@ class ShardLoader:
             "rank": self.rank,
             "epoch": self.epoch,
             "batch": self._consumed,
+            "batches_per_epoch": self.batches_per_epoch,
             "world_size": self.world_size,
             "micro_batch": self.micro_batch,
             "repeats": self.repeats,
             "seed": self.seed,
             "num_samples": self.num_samples,
             "backend": self.cfg.backend,
+            "order": "global" if self.global_order else "rank",
         }
         if self._resume is not None:  # restored but not iterated yet: hand the restored position on
             sd.update(epoch=self._resume["epoch"], batch=self._resume["batch"])
             sd["backend_state"] = self._resume["backend_state"]
         elif 0 < self._consumed < self.batches_per_epoch:
             sd["backend_state"] = self._checkpoint()
+        if self.global_order:  # the position any world size can continue from
+            sd["samples"] = sd["batch"] * self.world_size * self.unique_batch
         return sd
 
     def load_state_dict(self, sd: dict | list[dict]) -> None:
-        """Continue from this rank's `state_dict()`, or from the list of every rank's state (by rank)."""
+        """Continue from this rank's `state_dict()`, or from the list of every rank's state (by rank).
+
+        In the global order (local training shards) a state saved by another world size, rank or micro
+        batch continues too: from the samples consumed, which must be whole rounds of this loader (the
+        same global batch). The backend state (DALI's augmentation RNGs) is the saving rank's and is not
+        carried over then: the same samples follow, augmented differently.
+        """
         if isinstance(sd, (list, tuple)):
             if len(sd) != self.world_size:
                 raise ValueError(f"data loader state: {len(sd)} rank states for world size {self.world_size}")
             sd = sd[self.rank]
-        for k in ("world_size", "rank", "micro_batch", "repeats", "seed", "num_samples"):
+        keys = ("world_size", "rank", "micro_batch", "repeats", "seed", "num_samples")
+        elastic = self.global_order and sd.get("order") == "global"
+        for k in keys[3:] if elastic else keys:
             saved = sd.get(k, 1)  # states from before repeated augmentation have no "repeats"
             if saved != getattr(self, k):
                 raise ValueError(
                     f"data loader state: saved with {k}={saved} but this loader has {getattr(self, k)}; "
                     "a mid-epoch position only transfers to an identical loader"
                 )
-        epoch, consumed = sd["epoch"], sd["batch"]
+        epoch, consumed, backend_state = sd["epoch"], sd["batch"], sd.get("backend_state")
+        if elastic and any(sd[k] != getattr(self, k) for k in keys[:3]):
+            round_ = self.world_size * self.unique_batch
+            if sd["samples"] % round_:
+                raise ValueError(
+                    f"data loader state: {sd['samples']} samples of epoch {epoch} consumed, not whole "
+                    f"batches of {self.unique_batch} on {self.world_size} ranks; keep the global batch"
+                )
+            consumed, backend_state = sd["samples"] // round_, None
         if consumed >= self.batches_per_epoch:
             epoch, consumed = epoch + 1, 0
         if consumed and sd["backend"] != self.cfg.backend:
-            # The backends shuffle differently: another backend cannot tell which samples are left.
+            # The backends augment differently: another backend cannot continue the epoch's augmentations.
             raise ValueError(
                 f"data.backend: loader state saved mid-epoch by the {sd['backend']!r} backend cannot resume "
                 f"with {self.cfg.backend!r}; switch backends at an epoch boundary"
             )
         self.epoch, self._consumed = epoch, consumed
-        self._resume = {"epoch": epoch, "batch": consumed, "backend_state": sd.get("backend_state")}
+        self._resume = {"epoch": epoch, "batch": consumed, "backend_state": backend_state}
 
     def _checkpoint(self):
         return None

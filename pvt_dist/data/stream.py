@@ -1,7 +1,8 @@
 """Raw sample streams read by the webdataset library (local files or any URL it opens).
 
-Used by the fallback loader and, for remote shards, as the DALI external source. The stream of a rank
-and epoch is the rank's contiguous sample range (see loader.py), buffer-shuffled for training with an
+Used by the fallback loader for validation and remote shards, and as the DALI external source of remote
+shards (local training shards are read in the global order, index.SampleTable). The stream of a rank and
+epoch is the rank's contiguous sample range (see loader.py), buffer-shuffled for training with an
 RNG seeded from (seed, epoch, rank), then cut into micro-batches; validation pads the last batches
 with copies of its final sample, flagged as padding.
 """

@@ -298,6 +298,7 @@ class DetectionLoader:
         return {
             "epoch": self.epoch,
             "batch": self._batch,
+            "batches_per_epoch": self.batches_per_epoch,
             "dali": self._pipe.checkpoint() if self._pipe is not None else None,
         }
 

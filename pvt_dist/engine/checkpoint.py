@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pvt_dist.cluster import distributed as pdist
+from pvt_dist.engine.universal import UNIVERSAL_SUFFIX, ensure_universal, has_zero_partitions
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ class CheckpointManager:
         try:
             if self.rank == 0 and os.path.isdir(path):
                 shutil.rmtree(path)  # leftovers of a save that crashed before `latest` moved
+                shutil.rmtree(path + UNIVERSAL_SUFFIX, ignore_errors=True)  # converted from those
             pdist.barrier()
             engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)
             atomic_torch_save(rank_state, os.path.join(path, f"rank_{self.rank:05d}.pt"))
@@ -257,6 +259,10 @@ class CheckpointManager:
                 shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
         for name in other:  # partial directories of crashed saves
             shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+        for name in os.listdir(self.dir):  # universal conversions (universal.py) of removed checkpoints
+            base = name.removesuffix(UNIVERSAL_SUFFIX)
+            if base != name and _TAG.match(base) and base not in keep:
+                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
 
     def _export_hint(self) -> str:
         return (
@@ -264,33 +270,76 @@ class CheckpointManager:
             "and start a new run with model.pretrained=weights.pth"
         )
 
-    def load(self, engine, tag: str, expect: dict | None = None) -> tuple[dict, dict, dict]:
+    def rank_state(self, tag: str, rank: int) -> dict:
+        """RNG and data position that rank ``rank`` saved in ``tag``."""
+        return safe_load(os.path.join(self.dir, tag, f"rank_{rank:05d}.pt"))
+
+    def load(self, engine, tag: str, expect: dict | None = None) -> tuple[dict, dict | None, dict]:
         """Restore engine state from ``tag``; returns (client_state, this rank's state, trainer_state).
 
         ``expect`` maps trainer_state keys (zero_stage, precision, ...) to this run's values; a checkpoint
-        that differs is refused before DeepSpeed touches it.
+        that differs is refused before DeepSpeed touches it, except in the world size and the ZeRO stage:
+        those resume elastically, through a universal checkpoint (``universal.py``). This rank's state is
+        then None when the writing run had no rank of this number (the caller re-derives it).
         """
         meta = read_trainer_state(self.dir, tag)
         path = os.path.join(self.dir, tag)
-        for key, value in (expect or {}).items():
+        expect = dict(expect or {})
+        stage = expect.pop("zero_stage", meta.get("zero_stage"))
+        for key, value in expect.items():
             if key in meta and meta[key] != value:
                 raise RuntimeError(
                     f"checkpoint {path} was written with {key}={meta[key]!r}, this run has {value!r}. "
                     f"Resume with the same setting, or {self._export_hint()}"
                 )
-        if meta.get("world_size") != self.world_size:
-            raise RuntimeError(
-                f"checkpoint {path} was written by {meta.get('world_size')} ranks, this run has "
-                f"{self.world_size}. Resume with the same world size, or {self._export_hint()}"
-            )
+        saved_world, saved_stage = meta.get("world_size"), meta.get("zero_stage", stage)
+        elastic = (saved_world, saved_stage) != (self.world_size, stage)
+        load_tag = self._elastic_tag(tag, path, saved_world, saved_stage, stage) if elastic else tag
         rank_file = os.path.join(path, f"rank_{self.rank:05d}.pt")
-        if not os.path.isfile(rank_file):
+        if not elastic and not os.path.isfile(rank_file):
             raise RuntimeError(f"checkpoint {path} has no state for rank {self.rank} ({rank_file})")
         # DeepSpeed unpickles its own files in full (torch_checkpoint_engine: weights_only=False), so a
         # resume only ever loads this run's checkpoints/ (never a path from the command line); run dirs
         # from elsewhere go through `python -m pvt_dist.export`, which loads with weights_only=True.
-        load_path, client_state = engine.load_checkpoint(self.dir, tag=tag)
+        universal = load_tag != tag
+        # DeepSpeed reads `load_universal` at load time only (engine.load_checkpoint and the ZeRO
+        # optimizers' load_state_dict), so it is switched on for this one load.
+        engine._config.load_universal_checkpoint = universal
+        try:
+            load_path, client_state = engine.load_checkpoint(self.dir, tag=load_tag)
+        finally:
+            engine._config.load_universal_checkpoint = False
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-        rank_state = safe_load(rank_file)
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(self.dir, load_tag)}")
+        rank_state = safe_load(rank_file) if os.path.isfile(rank_file) else None
         return client_state or {}, rank_state, meta
+
+    def _elastic_tag(self, tag: str, path: str, world: int, stage: int, new_stage: int) -> str:
+        """The tag to load for a resume on another world size or ZeRO stage (converted if needed)."""
+        source = f"{world} ranks, ZeRO-{stage}"
+        target = f"{self.world_size} ranks, ZeRO-{new_stage}"
+        if has_zero_partitions(path):
+            if new_stage == 0:
+                raise RuntimeError(
+                    f"checkpoint {path} ({source}) cannot resume at ZeRO-0: DeepSpeed loads universal "
+                    f"checkpoints into ZeRO optimizers only. Resume with deepspeed.zero_stage >= 1, or "
+                    f"{self._export_hint()}"
+                )
+            if (stage == 3) != (new_stage == 3):
+                # DeepSpeed 0.19's ZeRO-3 universal loader reads the optimizer state in the layout its own
+                # ZeRO-3 conversion writes (KeyError 'optimizer_state_dict' on a ZeRO-1/2 conversion).
+                same = "3" if stage == 3 else "1 or 2"
+                raise RuntimeError(
+                    f"checkpoint {path} ({source}) cannot resume at ZeRO-{new_stage}: DeepSpeed's universal "
+                    f"checkpoints do not cross between ZeRO-1/2 and ZeRO-3. Resume with "
+                    f"deepspeed.zero_stage={same} (any world size), or {self._export_hint()}"
+                )
+            return ensure_universal(self.dir, tag, self.rank, source, target)
+        if new_stage != 0:
+            raise RuntimeError(
+                f"checkpoint {path} ({source}) has no ZeRO partitions to convert for ZeRO-{new_stage}. "
+                f"Resume with deepspeed.zero_stage=0, or {self._export_hint()}"
+            )
+        # ZeRO-0: every rank saved the whole optimizer state (rank 0's file): it loads on any world size.
+        log.info("elastic resume: %s -> %s (unpartitioned state, loaded as is)", source, target)
+        return tag
