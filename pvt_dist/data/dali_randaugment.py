@@ -27,7 +27,6 @@ import math
 import numpy as np
 from nvidia.dali.auto_aug import augmentations as dali_aug
 from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
-from nvidia.dali.pipeline import do_not_convert
 
 from pvt_dist.data.config import RandAugmentSpec
 from pvt_dist.data.dali_import import dmath, fn, types
@@ -160,18 +159,6 @@ def timm_ops(spec: RandAugmentSpec, shape_hw: tuple[int, int], channels: int = 3
     ]
 
 
-def _unconverted(op):
-    """`op` called as is from `select`'s branches. DALI's autograph (which makes the conditionals work)
-    would otherwise convert every call made while the op tabulates its parameters, about a millisecond
-    a magnitude bin: minutes per pipeline. The ops have no Python control flow that needs converting."""
-
-    @do_not_convert
-    def call(data, **kwargs):
-        return op(data, **kwargs)
-
-    return call
-
-
 def draw_levels(spec: RandAugmentSpec):
     """Per sample, [n] float magnitudes as timm's AugmentOp draws them: gauss(m, mstd) (uniform(0, m) for
     mstd inf, m for mstd 0), clipped to [0, mmax]."""
@@ -201,9 +188,9 @@ def rand_augment(
     op (len(ops) where the p gate skipped it) and the [n] float32 levels used; for tests.
     """
     channels = len(fill)
-    ops = [_unconverted(op) for _, op in timm_ops(spec, shape_hw, channels)]
+    ops = [op for _, op in timm_ops(spec, shape_hw, channels)]
     skipped = len(ops)
-    ops.append(_unconverted(dali_aug.identity))
+    ops.append(dali_aug.identity)
     n = spec.n
     chosen = fn.random.uniform(values=list(range(skipped)), shape=(n,), dtype=types.INT32)
     applied = fn.random.coin_flip(probability=spec.p, shape=(n,), dtype=types.INT32)
