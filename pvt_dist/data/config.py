@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,9 +104,13 @@ class DataConfig:
     """...and for at most this many seconds in all per shard (backoff 1, 2, 4, ... s, capped at 30 s)."""
 
     rand_augment: str | None = None
-    """timm-style RandAugment spec, e.g. "rand-m9-mstd0.5-inc1"; None disables it. The fallback backend runs
-    timm's own policy; DALI's rand_augment differs from it (weaker magnitudes, no mstd noise or Invert /
-    SolarizeAdd: see docs/data_fidelity.md)."""
+    """timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1" (DeiT/PVT's recipe); None disables it. Keys: m
+    magnitude (level / 10 of each op's range), n ops per image (2), mstd per-op gaussian magnitude noise
+    (>100: uniform in [0, m]), mmax clip (10), inc1 the increasing ops, p per-op probability (0.5). The
+    fallback backend runs timm's own `rand_augment_transform`; the DALI backend runs the same policy as a
+    DALI graph (data/dali_randaugment.py): same 15 ops, ranges, noise, p and fill. Geometric ops resample
+    bilinearly there (DALI's warps have no bicubic); per-op differences are measured in
+    docs/data_fidelity.md."""
 
     random_erase: float = 0.0
     """Probability of timm RandomErasing (per-pixel noise) applied to each training image on the device."""
@@ -206,23 +211,59 @@ class DataConfig:
         return dataclasses.replace(self, **changes).validate()
 
 
-def parse_rand_augment(spec: str) -> tuple[int, int]:
-    """Parse a timm RandAugment spec: "rand-m9-n2-mstd0.5" -> (n=2, m=9); n=2, m=10 when omitted."""
-    n, m = 2, 10
+@dataclass(frozen=True)
+class RandAugmentSpec:
+    """A parsed timm RandAugment spec with timm's defaults (timm.data.auto_augment.rand_augment_transform)."""
+
+    n: int = 2
+    """Ops applied per image, chosen uniformly with replacement."""
+
+    m: float = 10.0
+    """Magnitude: level on timm's 0-10 scale (level / 10 of each op's range)."""
+
+    mstd: float = 0.0
+    """Std of the gaussian noise added to the magnitude at every op application; inf: uniform in [0, m]."""
+
+    mmax: float = 10.0
+    """Upper clip of the noisy magnitude (timm's `magnitude_max`, default its level denominator 10)."""
+
+    increasing: bool = False
+    """inc1: the ops whose strength grows with the magnitude (PosterizeIncreasing, ColorIncreasing, ...)."""
+
+    p: float = 0.5
+    """Probability that each chosen op is applied."""
+
+
+def parse_rand_augment(spec: str) -> RandAugmentSpec:
+    """Parse a timm RandAugment spec as timm 1.0 does: "rand-m9-mstd0.5-inc1" -> n=2, m=9, mstd=0.5,
+    increasing; ValueError("data.rand_augment: ...") on a key timm does not know or a bad value."""
+    if not spec.startswith("rand"):
+        raise ValueError(f"data.rand_augment: {spec!r} is not a RandAugment spec (must start with 'rand')")
+    fields: dict = {}
     for part in spec.split("-")[1:]:
         key = "".join(ch for ch in part if ch.isalpha())
         val = part[len(key) :]
         try:
             if key == "m":
-                m = int(float(val))
+                fields["m"] = float(int(val))
             elif key == "n":
-                n = int(val)
-            elif key in ("mstd", "mmax", "inc", "w", "p"):
-                float(val)
+                fields["n"] = int(val)
+            elif key == "mstd":
+                mstd = float(val)
+                fields["mstd"] = math.inf if mstd > 100 else mstd  # timm: mstd > 100 means uniform
+            elif key == "mmax":
+                fields["mmax"] = float(int(val))
+            elif key == "inc":
+                fields["increasing"] = bool(int(val))
+            elif key == "p":
+                fields["p"] = float(val)
             else:
                 raise ValueError(key)
         except ValueError:
             raise ValueError(f"data.rand_augment: cannot parse {part!r} in {spec!r}") from None
-    if not 0 <= m <= 30 or n < 1:
-        raise ValueError(f"data.rand_augment: need 0 <= m <= 30 and n >= 1 in {spec!r}")
-    return n, m
+    out = RandAugmentSpec(**fields)
+    if not 0 <= out.m <= 30 or out.n < 1 or out.mstd < 0 or not 0 <= out.p <= 1 or out.mmax <= 0:
+        raise ValueError(
+            f"data.rand_augment: need 0 <= m <= 30, n >= 1, mstd >= 0, 0 <= p <= 1, mmax > 0 in {spec!r}"
+        )
+    return out

@@ -27,6 +27,7 @@ import torch
 
 from pvt_dist.data.config import DataConfig, parse_rand_augment
 from pvt_dist.data.dali_import import dmath, fn, pipeline_def, types
+from pvt_dist.data.dali_randaugment import rand_augment
 from pvt_dist.data.loader import ShardLoader, parse_label
 from pvt_dist.data.stream import external_source_batches
 
@@ -78,7 +79,8 @@ def center_crop_anchor(size_hw, crop: int):
 
 
 def train_views(jpegs, cfg: DataConfig, decode_dev: str, out_type, mean, std, interp, repeats: int) -> list:
-    """`repeats` independently augmented views of every image: RandomResizedCrop, flip, RandAugment.
+    """`repeats` independently augmented views of every image: RandomResizedCrop, RandAugment (timm's
+    policy, dali_randaugment.py), flip.
 
     One view decodes only the crop's region (fused ROI decode); several views decode each image once and
     crop the decoded image `repeats` times.
@@ -108,10 +110,13 @@ def train_views(jpegs, cfg: DataConfig, decode_dev: str, out_type, mean, std, in
     views = []
     for images in crops:
         if cfg.rand_augment:
-            from nvidia.dali.auto_aug import rand_augment
-
-            n, m = parse_rand_augment(cfg.rand_augment)
-            images = rand_augment.rand_augment(images, n=n, m=m, fill_value=128)
+            # timm's policy; timm's train transform fills with img_mean = round(255 * mean). DALI's warps
+            # have no bicubic: bicubic and bilinear resample linearly there.
+            images = rand_augment(
+                images, parse_rand_augment(cfg.rand_augment), (size, size),
+                fill=tuple(min(255, round(255 * m)) for m in cfg.mean[: len(mean)]),
+                interp_type=types.INTERP_NN if cfg.interpolation == "nearest" else types.INTERP_LINEAR,
+            )  # fmt: skip
         views.append(
             fn.crop_mirror_normalize(
                 images,

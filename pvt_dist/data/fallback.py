@@ -42,10 +42,14 @@ def build_transform(cfg: DataConfig, train: bool) -> T.Compose:
         ]
         if cfg.rand_augment:
             from timm.data.auto_augment import rand_augment_transform
+            from timm.data.transforms import str_to_pil_interp
 
+            # timm's transforms_imagenet_train: without "interpolation" timm's geometric ops would pick
+            # bilinear or bicubic at random; DeiT/PVT's train transform passes the train interpolation.
             hparams = {
                 "translate_const": int(cfg.train_size * 0.45),
-                "img_mean": tuple(round(255 * m) for m in cfg.mean),
+                "img_mean": tuple(min(255, round(255 * m)) for m in cfg.mean),
+                "interpolation": str_to_pil_interp(cfg.interpolation),
             }
             ops.append(rand_augment_transform(cfg.rand_augment, hparams))
     else:
