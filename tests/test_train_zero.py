@@ -189,6 +189,8 @@ def test_bf16_fp32_reduce_and_accum_with_overlap_resumes_exactly(stage, tiny_con
     assert not missing and not unexpected
 
 
+# `slow`: ~3 min (on a fresh machine mostly JIT-building DeepSpeedCPUAdam), over the default budget.
+@pytest.mark.slow
 def test_zero2_cpu_offload_with_repeated_augmentation(tiny_config, tmp_path):
     """ZeRO-Offload (DeepSpeedCPUAdam, JIT-built once) and repeated augmentation: trains, resumes exactly."""
     from pvt_dist.models import build_model
