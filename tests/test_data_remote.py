@@ -9,6 +9,7 @@ import os
 import shutil
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,3 +175,46 @@ def test_http_shard_that_never_recovers_fails_naming_it(flaky_http):
     assert "gave up after 2 retries" in str(e.value), str(e.value)[-2000:]
     assert len(handler.requests) == 3 and took < 30
     print(f"\n[data] http shard never recovering: failed after 3 attempts in {took:.1f} s")
+
+
+# ------------------------------------------------------------------ local shards on a network filesystem
+
+
+def _train_table(root, **kw):
+    from pvt_dist.data.index import SampleTable, resolve_shards
+
+    shards = resolve_shards(str(root), "data.train_shards", "train")
+    shards.retries, shards.retry_max_s = kw.get("retries", 5), kw.get("max_s", 120.0)
+    return SampleTable(shards)
+
+
+def test_local_shard_that_vanishes_for_a_moment_is_reread(tmp_path, fmnist_shards, caplog):
+    """A training shard unreachable for ~1 s (a network filesystem remounting, failing over): the read is
+    retried after 1 s of backoff, logged and counted, and returns the same bytes as an undisturbed read."""
+    from pvt_dist.data.index import RETRIES
+
+    root = tmp_path / "shards"
+    shutil.copytree(fmnist_shards, root)
+    expected = _train_table(root).read_batch(np.arange(4))
+    table = _train_table(root)
+    tar = root / table.urls[0].rsplit("/", 1)[-1]
+    hidden = tar.with_suffix(".away")
+    tar.rename(hidden)
+    threading.Timer(0.5, hidden.rename, args=(tar,)).start()
+    before = RETRIES["count"]
+    with caplog.at_level("WARNING"):
+        got = table.read_batch(np.arange(4))
+    assert got == expected
+    assert RETRIES["count"] - before == 1 and "retry 1/5" in caplog.text and tar.name in caplog.text
+
+
+def test_local_shard_that_never_comes_back_fails_naming_it(tmp_path, fmnist_shards):
+    root = tmp_path / "shards"
+    shutil.copytree(fmnist_shards, root)
+    table = _train_table(root, retries=2)
+    tar = root / table.urls[0].rsplit("/", 1)[-1]
+    tar.unlink()
+    with pytest.raises(
+        OSError, match=rf"data.train_shards: shard .*{tar.name}: reading sample .* failed after 2 retries"
+    ):
+        table.read_batch(np.arange(2))

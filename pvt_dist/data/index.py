@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shlex
+import time
 from dataclasses import dataclass, field
 
 import braceexpand
@@ -17,6 +19,8 @@ import numpy as np
 
 from pvt_dist.data.config import is_remote
 from pvt_dist.paths import stays_inside
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 REQUIRED_EXTS = ("jpg", "cls")
@@ -39,8 +43,8 @@ class ShardSet:
     counts: list[int]  # samples per shard
     index_paths: list[str] = field(default_factory=list)  # local only: DALI .idx per shard
     remote: bool = False
-    retries: int = 0  # remote only: reopen attempts per shard (data.stream_retries)
-    retry_max_s: float = 0.0  # remote only: total retry time per shard (data.stream_retry_max_s)
+    retries: int = 0  # reopen attempts per failed shard read (data.stream_retries)
+    retry_max_s: float = 0.0  # total retry time per shard (data.stream_retry_max_s)
 
     @property
     def num_samples(self) -> int:
@@ -243,6 +247,20 @@ def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
 
 
+# Failed shard reads retried in this process (streamed shards, and local ones on a network filesystem);
+# the trainer logs it to TensorBoard as data/stream_retries.
+RETRIES = {"count": 0}
+
+
+def retry_delay(attempt: int, spent: float, retries: int, max_s: float) -> float | None:
+    """Backoff before retry ``attempt + 1`` (1, 2, 4, ... s, capped at 30 s), None once past the limits:
+    ``retries`` attempts or ``max_s`` seconds in all."""
+    delay = min(2.0**attempt, 30.0)
+    if attempt >= retries or spent + delay > max_s:
+        return None
+    return delay
+
+
 class SampleTable:
     """Random access to the samples of local shards by global number (shard order), via their index files.
 
@@ -267,6 +285,10 @@ class SampleTable:
         self.offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 4)  # jpg off, size, cls off, size
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
+        # A network filesystem (NFS, Lustre, GPFS) can fail a read for a moment (EIO, ESTALE, a timeout):
+        # the file is reopened and the read retried with backoff, within data.stream_retries /
+        # data.stream_retry_max_s, each retry logged and counted (data/stream_retries in TensorBoard).
+        self.retries, self.retry_max_s = shards.retries, shards.retry_max_s
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -287,13 +309,38 @@ class SampleTable:
         jpgs, classes, names = [], [], []
         for i, s, (jo, js, co, cs) in zip(indices.tolist(), shards, rows):
             lo, hi = min(jo, co), max(jo + js, co + cs)
-            blob = os.pread(self._fd(s), hi - lo, lo)
+            blob = self._pread(s, i, hi - lo, lo)
             if len(blob) != hi - lo:
                 raise ValueError(f"{self.field}: shard {self.urls[s]}: sample {self.keys[i]!r} is truncated")
             jpgs.append(blob[jo - lo : jo - lo + js])
             classes.append(blob[co - lo : co - lo + cs])
             names.append(f"{self.labels[s]}:{self.keys[i]}")
         return jpgs, classes, names
+
+    def _pread(self, s: int, i: int, size: int, offset: int) -> bytes:
+        attempt, t0 = 0, time.monotonic()
+        while True:
+            try:
+                return os.pread(self._fd(s), size, offset)
+            except OSError as e:
+                fd = self._fds.pop(s, None)  # a stale handle is useless: reopen on the next attempt
+                if fd is not None:
+                    os.close(fd)
+                spent = time.monotonic() - t0
+                delay = retry_delay(attempt, spent, self.retries, self.retry_max_s)
+                if delay is None:
+                    raise OSError(
+                        f"{self.field}: shard {self.urls[s]}: reading sample {self.keys[i]!r} failed"
+                        + (f" after {attempt} retries in {spent:.0f} s" if attempt else "")
+                        + f": {e.strerror or e}"
+                    ) from e
+                attempt += 1
+                RETRIES["count"] += 1
+                log.warning(
+                    "%s: shard %s: read failed (%s); retry %d/%d in %.0f s",
+                    self.field, self.urls[s], e.strerror or e, attempt, self.retries, delay,
+                )  # fmt: skip
+                time.sleep(delay)
 
     def close(self) -> None:
         for fd in self._fds.values():

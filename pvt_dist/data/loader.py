@@ -292,8 +292,7 @@ def build_loader(
     spec = cfg.train_shards if split == "train" else cfg.val_shards
     count = cfg.train_samples if split == "train" else cfg.val_samples
     shards = resolve_shards(spec, fld, split, count)
-    if shards.remote:
-        shards.retries, shards.retry_max_s = cfg.stream_retries, cfg.stream_retry_max_s
+    shards.retries, shards.retry_max_s = cfg.stream_retries, cfg.stream_retry_max_s
     args = (cfg, split, shards, rank, world_size, seed, micro_batch, dev, return_keys)
     if cfg.backend == "dali":
         from pvt_dist.data.dali_pipeline import DaliLoader

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import webdataset as wds
 
-from pvt_dist.data.index import REQUIRED_EXTS, ShardSet, shard_label
+from pvt_dist.data.index import REQUIRED_EXTS, RETRIES, ShardSet, retry_delay, shard_label
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,6 @@ log = logging.getLogger(__name__)
 def sample_name(url: str, key: str) -> str:
     """Name of a sample in batches and errors, e.g. "train-000003.tar:fmnist_train_01234"."""
     return f"{shard_label(url)}:{key}"
-
-
-# Retries of streamed shards in this process (the DALI external source and a 0-worker fallback run here);
-# the trainer logs it to TensorBoard as data/stream_retries.
-RETRIES = {"count": 0}
 
 
 def _shard_samples(url: str, shards: ShardSet) -> Iterator[dict]:
@@ -49,8 +44,8 @@ def _shard_samples(url: str, shards: ShardSet) -> Iterator[dict]:
             return
         except Exception as e:  # noqa: BLE001 - network, pipe and tar errors of a stream are all retried
             spent = time.monotonic() - t0
-            delay = min(2.0**attempt, 30.0)
-            if attempt >= shards.retries or spent + delay > shards.retry_max_s:
+            delay = retry_delay(attempt, spent, shards.retries, shards.retry_max_s)
+            if delay is None:
                 if attempt:
                     why = f"gave up after {attempt} retries in {spent:.0f} s: {type(e).__name__}: {e}"
                     raise OSError(why) from e

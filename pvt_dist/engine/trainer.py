@@ -27,7 +27,7 @@ from pvt_dist.cluster import distributed as pdist
 from pvt_dist.cluster.distributed import DistEnv
 from pvt_dist.cluster.plan import summary_line
 from pvt_dist.config import TrainConfig, config_hash, dump_config, peak_lr, to_dict
-from pvt_dist.data.stream import RETRIES as STREAM_RETRIES
+from pvt_dist.data.index import RETRIES as STREAM_RETRIES
 from pvt_dist.engine.checkpoint import CheckpointManager, check_writable, read_trainer_state
 from pvt_dist.engine.cpu_bf16 import fp32_gemm, use_fp32_gemm
 from pvt_dist.engine.ds_config import build_deepspeed_config
