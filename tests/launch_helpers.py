@@ -51,3 +51,16 @@ def export_weights(run_dir, out, *flags: str) -> dict:
     cmd = [sys.executable, "-m", "pvt_dist.export", str(run_dir), str(out), *flags]
     subprocess.run(cmd, check=True, env=rank_env(), cwd=ROOT, timeout=300)
     return torch.load(out, map_location="cpu", weights_only=True)
+
+
+def evaluate(*args: str, nproc: int = 1, expect: int = 0) -> subprocess.CompletedProcess:
+    """`launch/evaluate.py ARGS` (torchrun with nproc > 1); asserts its exit code."""
+    cmd = [sys.executable, str(ROOT / "launch" / "evaluate.py")]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+        cmd += [f"--master_port={free_port()}", str(ROOT / "launch" / "evaluate.py")]
+    proc = subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, env=rank_env(), cwd=ROOT, timeout=300
+    )
+    assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import ROOT, export_weights, free_port, rank_env, tiny_run_yaml
-
-EVALUATE = ROOT / "launch" / "evaluate.py"
+from launch_helpers import ROOT, evaluate, export_weights, rank_env, tiny_run_yaml
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +45,6 @@ dist: {timeout_s: 120}
         "val": vals[-1],
         "shards": fmnist_shards,
     }
-
-
-def evaluate(*args: str, nproc: int = 1, expect: int = 0) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(EVALUATE)]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-        cmd += [f"--master_port={free_port()}", str(EVALUATE)]
-    proc = subprocess.run(
-        [*cmd, *args], capture_output=True, text=True, env=rank_env(), cwd=ROOT, timeout=300
-    )
-    assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
 
 
 def test_export_scores_the_runs_own_final_validation(tiny_run, tmp_path):

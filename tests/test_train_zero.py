@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import ROOT, export_weights, free_port, rank_env, tiny_run_yaml
+from launch_helpers import ROOT, evaluate, export_weights, free_port, rank_env, tiny_run_yaml
 
 STEPS, CKPT_EVERY = 12, 6
 
@@ -143,10 +143,8 @@ def test_zero_stage_train_resume_export(stage, tiny_config, fmnist_shards, tmp_p
         # with (bf16 casts of the fp32 masters). Scoring the export with the run's config must give exactly
         # that validation's top-1 / top-5 on the same 512 images.
         scored = tmp_path / "scored.json"
-        cmd = [sys.executable, str(ROOT / "launch" / "evaluate.py"), "--weights", str(out)]
-        cmd += ["--shards", str(fmnist_shards), "--config", str(run / "config.yaml"), "--json", str(scored)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=rank_env(), cwd=ROOT, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        evaluate("--weights", str(out), "--shards", str(fmnist_shards), "--config", str(run / "config.yaml"),
+                 "--json", str(scored))  # fmt: skip
         res = json.loads(scored.read_text())
         assert res["count"] == 512 and res["precision"] == "bf16", res
         assert (res["top1"], res["top5"]) == (val[-1]["val/top1"], val[-1]["val/top5"]), (res, val[-1])
