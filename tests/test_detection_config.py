@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 from detection_helpers import labelme_example
@@ -121,3 +122,16 @@ def test_head_defaults_follow_the_head():
 def test_deformable_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):
         resolve_detr_config(load_detr_config(None, [*_labelme_data(), *overrides]), 1)
+
+
+def test_demo_stage2_config_is_the_two_stage_deformable_head_on_tree_crowns():
+    """`make demo`'s stage 2 (scripts/demo.sh): the deformable head with both variants on stages 2-4 of the
+    stage-1 model (pvt_tiny), scored on the held-out tree-crown split, not the training tiles."""
+    cfg = resolve_detr_config(load_detr_config("configs/detr/demo_tree_crowns.yaml"), 1, check_files=False)
+    m = cfg.model
+    assert (m.head, m.backbone.name, m.backbone.stages) == ("deformable", "pvt_tiny", [2, 3, 4])
+    assert m.deformable.two_stage and m.deformable.with_box_refine and m.num_classes == 1
+    assert cfg.data.train_ann == "data/tree_crowns/train/annotations.json"
+    assert cfg.data.val_ann == "data/tree_crowns/val/annotations.json"
+    assert (cfg.schedule.total_steps, cfg.deepspeed.global_batch) == (400, 4)
+    assert "demo_tree_crowns.yaml" in Path("scripts/demo.sh").read_text()

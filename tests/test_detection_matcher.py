@@ -83,3 +83,28 @@ def test_more_targets_than_queries_matches_every_query():
     outputs, targets = _random_case(gen, 1, 2, [4])
     rows, cols = HungarianMatcher()(outputs, targets)[0]
     assert sorted(rows.tolist()) == [0, 1] and len(set(cols.tolist())) == 2
+
+
+def test_match_detections_counts_found_duplicates_and_false_positives():
+    """Two objects; detections by score: a hit on A, a second box on A, a hit on B, a box on nothing, and a
+    low-IoU box inside B (IoU 0.25, below 0.5). Expected by hand: found 2, duplicates 1, false positives 2."""
+    from pvt_dist.detection.box_ops import match_detections
+
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 10.0, 10.0],
+            [1.0, 0.0, 10.0, 10.0],
+            [20.0, 20.0, 30.0, 31.0],
+            [50.0, 50.0, 60.0, 60.0],
+            [20.0, 20.0, 25.0, 25.0],
+        ]  # fmt: skip
+    )
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    assert match_detections(boxes, scores, gt) == {
+        "ground_truth": 2, "found": 2, "duplicates": 1, "false_positives": 2,
+    }  # fmt: skip
+    # The score order decides who is the duplicate: the same boxes with the near-copy ranked first.
+    assert match_detections(boxes, torch.tensor([0.8, 0.9, 0.7, 0.6, 0.5]), gt)["duplicates"] == 1
+    assert match_detections(boxes[:0], scores[:0], gt)["found"] == 0
+    assert match_detections(boxes, scores, gt[:0])["false_positives"] == 5

@@ -81,3 +81,33 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     wh = (rb - lt).clamp(min=0)
     hull = wh[..., 0] * wh[..., 1]
     return iou - (hull - union) / hull
+
+
+def match_detections(boxes: Tensor, scores: Tensor, gt_boxes: Tensor, iou_threshold: float = 0.5) -> dict:
+    """Greedy COCO-style matching of detections [D, 4] to ground truth [G, 4] (xyxy, one class).
+
+    In descending score order each detection takes the unmatched ground-truth box it overlaps most with
+    IoU >= ``iou_threshold``. A detection whose only such boxes are already taken is a ``duplicate`` (a
+    second box on one object, what DETR's set loss should prevent); one overlapping none is a
+    ``false_positive``. Returns {"ground_truth", "found", "duplicates", "false_positives"}.
+    """
+    g = gt_boxes.shape[0]
+    out = {"ground_truth": g, "found": 0, "duplicates": 0, "false_positives": 0}
+    if boxes.shape[0] == 0:
+        return out
+    if g == 0:
+        out["false_positives"] = boxes.shape[0]
+        return out
+    iou = box_iou(boxes.float(), gt_boxes.float())[0]  # [D, G]
+    taken = torch.zeros(g, dtype=torch.bool)
+    for d in scores.argsort(descending=True).tolist():
+        hits = iou[d] >= iou_threshold
+        free = hits & ~taken
+        if free.any():
+            taken[torch.where(free, iou[d], -1.0).argmax()] = True
+            out["found"] += 1
+        elif hits.any():
+            out["duplicates"] += 1
+        else:
+            out["false_positives"] += 1
+    return out
