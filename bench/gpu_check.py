@@ -72,11 +72,8 @@ def run(log: Log, cmd: list[str], timeout: int, cwd=ROOT) -> tuple[int, str]:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def part_install(args, log: Log) -> dict:
