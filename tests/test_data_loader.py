@@ -287,3 +287,26 @@ def test_fallback_workers_keep_order(fmnist_shards):
     )
     assert keys_of(inproc) == keys_of(two)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(inproc, two))
+
+
+def test_dali_global_order_images_are_their_keys(fmnist_shards):
+    """Training in the global order feeds DALI the JPEGs alone and labels them from the sample table: with
+    the crop covering the whole image and no flip, DALI's batches (rank 1 of 2, resumed mid-epoch from its
+    checkpoint as well) hold the fallback's pixels of the same keys, so every image sits at its own label."""
+    cfg = make_cfg(fmnist_shards, train_size=28, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)
+    ref = run(build_loader(cfg.replace(backend="fallback"), "train", 1, 2, seed=3, micro_batch=32,
+                           return_keys=True), 6)  # fmt: skip
+    ld = build_loader(cfg, "train", 1, 2, seed=3, micro_batch=32, return_keys=True)
+    got = run(ld, 3)
+    resumed = build_loader(cfg, "train", 1, 2, seed=3, micro_batch=32, return_keys=True)
+    resumed.load_state_dict(ld.state_dict())
+    got += run(resumed, 3)
+    std = 255 * torch.tensor(cfg.std[: ref[0][0].shape[1]]).view(1, -1, 1, 1)  # normalized -> /255 units
+
+    def pixel_diff(xa, xb):  # per image: mean |pixel difference| in /255
+        return ((xa - xb).abs() * std).flatten(1).mean(1)
+
+    for (xa, ya, ka), (xb, yb, kb) in zip(ref, got, strict=True):
+        assert ka == kb and torch.equal(ya, yb)
+        assert pixel_diff(xa, xb).max() < 2.0, f"up to {pixel_diff(xa, xb).max():.2f}/255"
+    assert pixel_diff(ref[0][0][1:], got[0][0][:-1]).min() > 5.0  # a neighbour's image is far outside it

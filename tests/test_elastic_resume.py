@@ -160,7 +160,8 @@ def check_steps_and_keys(
     assert all(losses[s] == baseline[s] for s in range(1, STOP + 1))
     assert latest(run_dir) == f"step_{STEPS:08d}"
     expected = step_keys(base_keys, 2, 1, 1)
-    read = step_keys(stop_keys, 2, 1, 1) | step_keys(keys, world, 2 // world, STOP + 1)
+    micro = min(32, GLOBAL // world)  # the config's cap, resolved for this world (resolve_batch)
+    read = step_keys(stop_keys, 2, 1, 1) | step_keys(keys, world, GLOBAL // (world * micro), STOP + 1)
     assert sorted(read) == list(range(1, STEPS + 1))
     epoch = sum(read.values(), Counter())
     assert len(epoch) == TRAIN_SAMPLES and set(epoch.values()) == {1}, "each sample of the epoch once"
@@ -220,3 +221,20 @@ def test_resumed_losses_match_the_uninterrupted_run(stage, runs, tmp_path):
     assert max(abs(b - a) for _, a, b in rows) < SAME_TENSORS_TOL
     control = loss_rows(baseline, runs.other_seed("fallback"), "control: seed 1, uninterrupted")
     assert max(abs(b - a) for _, a, b in control) > SAME_TENSORS_TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_preempted_run_resumes_on_four_ranks(stage, runs, tmp_path):
+    """Fallback backend, 2 ranks -> 4 ranks (torchrun 4 x 1 thread) at the same ZeRO stage: the global batch
+    64 is re-derived as 16 x 1 x 4; every step reads the baseline's samples, the next 5 losses are the
+    uninterrupted run's within SAME_TENSORS_TOL (4 ranks' bf16 all-reduce instead of 2), the export loads."""
+    run_dir, out, keys = resume(runs, "fallback", tmp_path, 4, f"deepspeed.zero_stage={stage}", stage=stage)
+    seconds = conversion_seconds(out, f"2 ranks, ZeRO-{stage}", f"4 ranks, ZeRO-{stage}")
+    print(f"\n[elastic] ds_to_universal 2 ranks ZeRO-{stage} -> 4 ranks ZeRO-{stage}: {seconds:.1f} s")
+    assert "batch 64 = 16 x 1 x 4" in out
+    assert "elastic resume: the data continue at epoch 0 + 1024 samples (global order) on 4 ranks" in out
+    losses = check_steps_and_keys(runs, "fallback", run_dir, keys, 4, stage)
+    rows = loss_rows(runs.baseline("fallback", stage)[0], losses, f"fallback 2 ranks ZeRO-{stage} -> 4 ranks")
+    assert max(abs(b - a) for _, a, b in rows) < SAME_TENSORS_TOL
+    assert len(export_and_load(run_dir, tmp_path / "weights.pth")) > 100

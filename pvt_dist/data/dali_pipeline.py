@@ -17,6 +17,7 @@ shard after each pass).
 
 from __future__ import annotations
 
+import collections
 import io
 import math
 import os
@@ -132,18 +133,29 @@ def train_views(jpegs, cfg: DataConfig, decode_dev: str, out_type, mean, std, in
 
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
 def image_pipeline(
-    cfg: DataConfig, train: bool, gpu: bool, reader: dict | None = None, source=None, repeats: int = 1
+    cfg: DataConfig,
+    train: bool,
+    gpu: bool,
+    reader: dict | None = None,
+    source=None,
+    repeats: int = 1,
+    jpegs_only: bool = False,
 ):
     """Outputs: `repeats` (1 for validation) views, each images float [B,C,S,S] normalized (C=3, or 1
     without gray_to_rgb); raw `.cls` bytes [B]; sample names as bytes [B] ("shard.tar:offset:key.jpg" from
-    the reader, "shard.tar:key" from a source)."""
+    the reader, "shard.tar:key" from a source). ``jpegs_only``: the source yields the .jpg batch alone and
+    the views are the only outputs (the global order knows each batch's labels and names without DALI)."""
+    cls = names = None
     if source is None:
         jpegs, cls = fn.readers.webdataset(
             **reader, ext=["jpg", "cls"], missing_component_behavior="error", name="reader"
         )
         names = fn.get_property(jpegs, key="source_info")
+    elif jpegs_only:
+        jpegs = fn.external_source(source=source, batch=True, dtype=types.UINT8)
     else:
         jpegs, cls, names = fn.external_source(source=source, num_outputs=3, batch=True, dtype=types.UINT8)
+    meta = () if jpegs_only else (cls, names)
     decode_dev = "mixed" if gpu else "cpu"
     out_type = types.RGB if cfg.gray_to_rgb else types.GRAY
     channels = 3 if cfg.gray_to_rgb else 1
@@ -151,7 +163,7 @@ def image_pipeline(
     std = [255.0 * s for s in cfg.std[:channels]]
     interp = INTERP[cfg.interpolation]
     if train:
-        return (*train_views(jpegs, cfg, decode_dev, out_type, mean, std, interp, repeats), cls, names)
+        return (*train_views(jpegs, cfg, decode_dev, out_type, mean, std, interp, repeats), *meta)
     size = cfg.val_size
     images = fn.decoders.image(
         jpegs, device=decode_dev, output_type=out_type, adjust_orientation=False, **decoder_args(decode_dev)
@@ -164,7 +176,7 @@ def image_pipeline(
         normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad",
     )  # fmt: skip
     images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
-    return images, cls, names
+    return images, *meta
 
 
 def _name(raw: np.ndarray) -> str:
@@ -178,22 +190,32 @@ def _name(raw: np.ndarray) -> str:
 
 class OrderSource:
     """``fn.external_source`` callable of the global order (order.py): iteration i -> this rank's batch
-    ``first + i`` of the epoch, as encoded .jpg, raw .cls and "shard.tar:key" names (uint8 arrays)."""
+    ``first + i`` of the epoch, as encoded .jpg (uint8 views of the bytes read, no copy).
+
+    Only the JPEGs go through DALI: each feed costs DALI's per-sample conversion, and each output read back
+    a per-sample ``at()``, which for the labels and names cost more than the reading itself (profiled). The
+    loader reads a batch's labels and names from the table (``labels``); ``fed`` records the batches handed
+    to DALI, in order, so that the loader can check each output batch is the one it labels.
+    """
 
     def __init__(self, loader: ShardLoader, epoch: int, first: int):
         self.loader, self.first = loader, first
         self.order = loader.epoch_order(epoch)
+        self.fed: collections.deque[int] = collections.deque()
 
     def __call__(self, iteration: int):
         # DALI prefetches past the epoch's last batch; those batches are never run.
         batch = min(self.first + iteration, self.loader.batches_per_epoch - 1)
-        jpgs, classes, names = self.loader.table.read_batch(self.loader.batch_samples(self.order, batch))
-        as_u8 = np.frombuffer
-        return (
-            [as_u8(b, dtype=np.uint8) for b in jpgs],
-            [as_u8(b, dtype=np.uint8) for b in classes],
-            [as_u8(n.encode(), dtype=np.uint8) for n in names],
-        )
+        jpgs = self.loader.table.read_jpgs(self.loader.batch_samples(self.order, batch))
+        self.fed.append(batch)
+        return [np.frombuffer(b, dtype=np.uint8) for b in jpgs]
+
+    def labels(self, batch: int) -> tuple[list[bytes], list[str]]:
+        """(.cls bytes, "shard.tar:key" names) of DALI's next output batch, which must be ``batch``."""
+        fed = self.fed.popleft()
+        if fed != batch:  # an invariant of the source's FIFO, never a data error
+            raise RuntimeError(f"global order: DALI returned batch {fed} where batch {batch} was expected")
+        return self.loader.table.read_classes(self.loader.batch_samples(self.order, batch))
 
     def undecodable(self, batch: int, prefetch: int) -> str | None:
         """Where the first JPEG that PIL cannot decode is, in batches ``batch`` .. ``batch + prefetch``
@@ -203,7 +225,7 @@ class OrderSource:
         table, last = self.loader.table, min(batch + prefetch, self.loader.batches_per_epoch - 1)
         for b in range(batch, last + 1):
             indices = self.loader.batch_samples(self.order, b)
-            for i, jpg in zip(indices.tolist(), table.read_batch(indices)[0]):
+            for i, jpg in zip(indices.tolist(), table.read_jpgs(indices)):
                 try:
                     Image.open(io.BytesIO(jpg)).load()
                 except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
@@ -252,7 +274,7 @@ class DaliLoader(ShardLoader):
             # DALI checkpoints the source's iteration with its RNGs: a restore continues both.
             pipe = image_pipeline(
                 cfg=cfg, train=True, gpu=self.gpu, source=self._source, repeats=self.repeats,
-                checkpoint=dali_state, **kw,
+                jpegs_only=True, checkpoint=dali_state, **kw,
             )  # fmt: skip
         elif shards.remote:
             source = external_source_batches(
@@ -322,7 +344,7 @@ class DaliLoader(ShardLoader):
         fld = self.shards.field
         for i in range(first, self.batches_per_epoch):
             try:
-                *views, cls, names = self._pipe.run()
+                outputs = self._pipe.run()
             except Exception as e:
                 # DALI names the failing sample by its source_info "/path/shard.tar:offset:key.ext".
                 m = re.search(r"(\S+\.tar):(\d+):([^\s.]+)\.(\w+)", str(e))
@@ -332,12 +354,18 @@ class DaliLoader(ShardLoader):
                 raise RuntimeError(
                     f"{fld}: DALI failed on {where} in epoch {epoch}, batch {i} of rank {self.rank}: {e}"
                 ) from e
+            if self.global_order:
+                views, (classes, keys) = outputs, self._source.labels(i)
+            else:
+                *views, cls, names = outputs
             if i < start_batch:
                 continue
-            keys = [_name(names.at(j)) for j in range(len(names))]
+            if not self.global_order:
+                keys = [_name(names.at(j)) for j in range(len(names))]
+                classes = [bytes(cls.at(j)) for j in range(len(keys))]
             real = max(0, min(self.unique_batch, real_total - i * self.unique_batch))
             labels = [
-                parse_label(bytes(cls.at(j)), keys[j], self.cfg.num_classes, fld) if j < real else -1
+                parse_label(classes[j], keys[j], self.cfg.num_classes, fld) if j < real else -1
                 for j in range(len(keys))
             ]
             if len(views) == 1:

@@ -317,6 +317,28 @@ class SampleTable:
             names.append(f"{self.labels[s]}:{self.keys[i]}")
         return jpgs, classes, names
 
+    def read_jpgs(self, indices: np.ndarray) -> list[bytes]:
+        """.jpg bytes of ``indices``, one ``pread`` each of exactly the member (no slicing copy): what the
+        DALI source feeds, as zero-copy ``np.frombuffer`` views."""
+        return self._read_members(indices, 0)
+
+    def read_classes(self, indices: np.ndarray) -> tuple[list[bytes], list[str]]:
+        """(.cls bytes, "shard.tar:key" names) of ``indices``: the labels that go with ``read_jpgs``."""
+        shards = self.shard[indices].tolist()
+        names = [f"{self.labels[s]}:{self.keys[i]}" for i, s in zip(indices.tolist(), shards)]
+        return self._read_members(indices, 2), names
+
+    def _read_members(self, indices: np.ndarray, column: int) -> list[bytes]:
+        """One member per sample: .jpg (``column`` 0) or .cls (2), at its indexed (offset, size)."""
+        shards = self.shard[indices].tolist()
+        rows = self.offsets[indices, column : column + 2].tolist()
+        out = []
+        for i, s, (off, size) in zip(indices.tolist(), shards, rows):
+            out.append(self._pread(s, i, size, off))
+            if len(out[-1]) != size:
+                raise ValueError(f"{self.field}: shard {self.urls[s]}: sample {self.keys[i]!r} is truncated")
+        return out
+
     def _pread(self, s: int, i: int, size: int, offset: int) -> bytes:
         attempt, t0 = 0, time.monotonic()
         while True:
