@@ -117,9 +117,10 @@ class TabulatedAugmentation(_Augmentation):
 
     DALI tabulates ``mag_to_param`` over the magnitude grid every time an op is called in a pipeline
     definition, and with ``enable_conditionals`` that runs under autograph (which converts
-    nvidia.dali.auto_aug): ~2.5 ms per bin, ~9 s of every training pipeline build on one CPU core
-    (docs/performance.md). The table depends on the grid only, so it is computed unconverted and kept on
-    the augmentation; `timm_ops` keeps one suite per process, so later builds reuse it."""
+    nvidia.dali.auto_aug): ~2.5 ms per bin, ~9 s of every training pipeline build (one per epoch) on a
+    CPU core, measured at rand-m9-mstd0.5-inc1. The table depends on the grid only, so it is computed
+    unconverted and kept on the augmentation; `timm_ops` keeps one suite per process, so later builds
+    reuse it."""
 
     @do_not_convert
     def _map_mags_to_params(self, magnitudes):
