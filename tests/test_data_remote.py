@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import http.server
 import itertools
@@ -218,3 +219,48 @@ def test_local_shard_that_never_comes_back_fails_naming_it(tmp_path, fmnist_shar
         OSError, match=rf"data.train_shards: shard .*{tar.name}: reading sample .* failed after 2 retries"
     ):
         table.read_batch(np.arange(2))
+
+
+def _eio_on(monkeypatch, fails) -> None:
+    """os.pread failing with EIO (what NFS or Lustre return for a moment) on the calls n (from 0) where
+    ``fails(n)``; SampleTable reads every sample with one pread."""
+    real, calls = os.pread, itertools.count()
+
+    def pread(fd, size, offset):
+        if fails(next(calls)):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+
+
+def test_dali_validation_survives_failed_reads_and_counts_them(fmnist_shards, monkeypatch, caplog):
+    """Validation of local shards reads through the index files too: a read failing with EIO at the first
+    batch and another in the second are each retried after 1 s, logged and counted, and the evaluation
+    returns exactly the batches of an undisturbed one."""
+    from pvt_dist.data.index import RETRIES
+
+    c = cfg("", str(fmnist_shards), backend="dali")
+    expected = list(build_loader(c, "val", 1, 2, micro_batch=100, return_keys=True))
+    loader = build_loader(c, "val", 1, 2, micro_batch=100, return_keys=True)
+    _eio_on(monkeypatch, lambda n: n in (0, 150))
+    before = RETRIES["count"]
+    with caplog.at_level("WARNING"):
+        got = list(loader)
+    assert RETRIES["count"] - before == 2
+    assert caplog.text.count("val-000000.tar: read failed (Input/output error); retry 1/5 in 1 s") == 2
+    assert len(got) == 3
+    for (xa, ya, ka), (xb, yb, kb) in zip(got, expected, strict=True):
+        assert ka == kb and torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+def test_dali_validation_shard_that_never_recovers_fails_naming_it(fmnist_shards, monkeypatch):
+    c = cfg("", str(fmnist_shards), backend="dali", stream_retries=2)
+    loader = build_loader(c, "val", micro_batch=64)
+    _eio_on(monkeypatch, lambda n: True)
+    with pytest.raises(
+        OSError,
+        match=r"data\.val_shards: shard \S+/val-000000\.tar: reading sample 'fmnist_val_\d+' failed after 2 "
+        r"retries in \d+ s: Input/output error",
+    ):
+        list(loader)

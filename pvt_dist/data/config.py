@@ -99,8 +99,8 @@ class DataConfig:
     stream_retries: int = 5
     """Remote shards (http(s)/s3/pipe:): reopen a shard whose read failed (dropped connection, reset,
     failed command) up to this many times, resuming after the last sample it delivered; 0 fails at once.
-    Local training shards (a network filesystem): a failed read (EIO, ESTALE, ...) is retried the same
-    way, the file reopened. Validation shards read by DALI's own reader are not retried."""
+    Local shards (a network filesystem), training and validation: a failed read (EIO, ESTALE, ...) is
+    retried the same way, the file reopened."""
 
     stream_retry_max_s: float = 120.0
     """...and for at most this many seconds in all per shard (backoff 1, 2, 4, ... s, capped at 30 s)."""

@@ -1,18 +1,17 @@
 """DALI pipelines: one definition for GPU ("mixed" nvJPEG decoding + GPU ops) and CPU (device_id=None).
 
-Training samples of local shards come in the global order (loader.py, order.py) from `OrderSource`, read
-by offset through the index files, into `fn.external_source`; validation of local shards is read by DALI's
-webdataset reader with the index files; remote shards (http, s3, pipe:) are streamed by the webdataset
-library into `fn.external_source`. The same graph decodes and augments all of them.
+Samples of local shards are read by offset through the index files (index.SampleTable, which retries a
+read that a network filesystem fails for a moment) into `fn.external_source`: training in the global order
+(loader.py, order.py, `OrderSource`), validation as each rank's contiguous range (`RangeSource`). Remote
+shards (http, s3, pipe:) are streamed by the webdataset library into `fn.external_source`. The same graph
+decodes and augments all of them.
 
-Training builds a fresh pipeline per epoch with a seed from (seed, epoch, rank): an epoch's reader plan
-(the rank's slot, which rotates with the epoch, its seed, and a length of full batches of the shortest
-range, shorter than the reader's own epoch) is fixed at build time, so a persistent reader would carry the
-unread rest of its range and its RNG state into the next epoch; the order would then depend on history
-and an epoch-boundary resume would need a DALI checkpoint. Mid-epoch state is DALI's own checkpoint
-(reader position, shuffle buffer and operator RNGs). Validation of local shards has neither randomness
-nor a per-epoch plan: one pipeline serves every evaluation (its reader wraps to the start of the padded
-shard after each pass).
+Training builds a fresh pipeline per epoch with a seed from (seed, epoch, rank): an epoch's plan (its
+order and seed) is fixed at build time, so a persistent pipeline would carry its RNG state into the next
+epoch; the order would then depend on history and an epoch-boundary resume would need a DALI checkpoint.
+Mid-epoch state is DALI's own checkpoint (the source's iteration and the operator RNGs). Validation has
+neither randomness nor a per-epoch plan: one pipeline serves every evaluation (its source wraps to the
+first batch after each pass).
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ from __future__ import annotations
 import collections
 import io
 import math
-import os
-import re
 
 import numpy as np
 import torch
@@ -29,6 +26,7 @@ import torch
 from pvt_dist.data.config import DataConfig, parse_rand_augment
 from pvt_dist.data.dali_import import dmath, fn, pipeline_def, types
 from pvt_dist.data.dali_randaugment import rand_augment
+from pvt_dist.data.index import SampleTable
 from pvt_dist.data.loader import ShardLoader, parse_label
 from pvt_dist.data.stream import external_source_batches
 
@@ -133,29 +131,19 @@ def train_views(jpegs, cfg: DataConfig, decode_dev: str, out_type, mean, std, in
 
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
 def image_pipeline(
-    cfg: DataConfig,
-    train: bool,
-    gpu: bool,
-    reader: dict | None = None,
-    source=None,
-    repeats: int = 1,
-    jpegs_only: bool = False,
+    cfg: DataConfig, train: bool, gpu: bool, source, repeats: int = 1, jpegs_only: bool = False
 ):
-    """Outputs: `repeats` (1 for validation) views, each images float [B,C,S,S] normalized (C=3, or 1
-    without gray_to_rgb); raw `.cls` bytes [B]; sample names as bytes [B] ("shard.tar:offset:key.jpg" from
-    the reader, "shard.tar:key" from a source). ``jpegs_only``: the source yields the .jpg batch alone and
-    the views are the only outputs (the global order knows each batch's labels and names without DALI)."""
-    cls = names = None
-    if source is None:
-        jpegs, cls = fn.readers.webdataset(
-            **reader, ext=["jpg", "cls"], missing_component_behavior="error", name="reader"
-        )
-        names = fn.get_property(jpegs, key="source_info")
-    elif jpegs_only:
+    """`source`: ``fn.external_source`` batches of (encoded .jpg, raw .cls, "shard.tar:key" name) uint8
+    arrays, or with ``jpegs_only`` of the .jpg alone (the local shards' sources: the loader reads each
+    batch's labels and names from the sample table without DALI). Outputs: `repeats` (1 for validation)
+    views, each images float [B,C,S,S] normalized (C=3, or 1 without gray_to_rgb); unless ``jpegs_only``,
+    then the raw `.cls` bytes [B] and the sample names [B]."""
+    if jpegs_only:
         jpegs = fn.external_source(source=source, batch=True, dtype=types.UINT8)
+        meta = ()
     else:
         jpegs, cls, names = fn.external_source(source=source, num_outputs=3, batch=True, dtype=types.UINT8)
-    meta = () if jpegs_only else (cls, names)
+        meta = (cls, names)
     decode_dev = "mixed" if gpu else "cpu"
     out_type = types.RGB if cfg.gray_to_rgb else types.GRAY
     channels = 3 if cfg.gray_to_rgb else 1
@@ -180,33 +168,41 @@ def image_pipeline(
 
 
 def _name(raw: np.ndarray) -> str:
-    """Reader source_info "/dir/shard.tar:offset:key.jpg" or source "shard.tar:key" -> "shard.tar:key"."""
-    text = bytes(raw).decode("utf-8", "replace")
-    parts = text.split(":")
-    if len(parts) >= 3:
-        return f"{os.path.basename(':'.join(parts[:-2]))}:{parts[-1].split('.', 1)[0]}"
-    return text
+    """A source's "shard.tar:key" name bytes -> str."""
+    return bytes(raw).decode("utf-8", "replace")
 
 
-class OrderSource:
-    """``fn.external_source`` callable of the global order (order.py): iteration i -> this rank's batch
-    ``first + i`` of the epoch, as encoded .jpg (uint8 views of the bytes read, no copy).
+class TableSource:
+    """``fn.external_source`` callable over local shards (index.SampleTable): iteration i -> this rank's
+    batch ``batch_of(i)``, as encoded .jpg (uint8 views of the bytes read, no copy).
 
     Only the JPEGs go through DALI: each feed costs DALI's per-sample conversion, and each output read back
     a per-sample ``at()``, which for the labels and names cost more than the reading itself (profiled). The
     loader reads a batch's labels and names from the table (``labels``); ``fed`` records the batches handed
     to DALI, in order, so that the loader can check each output batch is the one it labels.
-    """
 
-    def __init__(self, loader: ShardLoader, epoch: int, first: int):
-        self.loader, self.first = loader, first
-        self.order = loader.epoch_order(epoch)
+    A read that fails past SampleTable's retries is kept in ``read_error``: DALI reports it as its own
+    failure, the loader raises the read error itself (it names the field, shard and sample)."""
+
+    def __init__(self, loader: ShardLoader, first: int):
+        self.loader, self.table, self.first = loader, loader.table, first
+        self.read_error: OSError | None = None
         self.fed: collections.deque[int] = collections.deque()
 
+    def batch_of(self, iteration: int) -> int:
+        raise NotImplementedError
+
+    def indices(self, batch: int) -> np.ndarray:
+        """Global numbers of the samples of this rank's ``batch``."""
+        raise NotImplementedError
+
     def __call__(self, iteration: int):
-        # DALI prefetches past the epoch's last batch; those batches are never run.
-        batch = min(self.first + iteration, self.loader.batches_per_epoch - 1)
-        jpgs = self.loader.table.read_jpgs(self.loader.batch_samples(self.order, batch))
+        batch = self.batch_of(iteration)
+        try:
+            jpgs = self.table.read_jpgs(self.indices(batch))
+        except OSError as e:
+            self.read_error = e
+            raise
         self.fed.append(batch)
         return [np.frombuffer(b, dtype=np.uint8) for b in jpgs]
 
@@ -214,23 +210,61 @@ class OrderSource:
         """(.cls bytes, "shard.tar:key" names) of DALI's next output batch, which must be ``batch``."""
         fed = self.fed.popleft()
         if fed != batch:  # an invariant of the source's FIFO, never a data error
-            raise RuntimeError(f"global order: DALI returned batch {fed} where batch {batch} was expected")
-        return self.loader.table.read_classes(self.loader.batch_samples(self.order, batch))
+            raise RuntimeError(f"{self.loader.shards.field}: DALI returned batch {fed} where {batch} was due")
+        return self.table.read_classes(self.indices(batch))
 
     def undecodable(self, batch: int, prefetch: int) -> str | None:
         """Where the first JPEG that PIL cannot decode is, in batches ``batch`` .. ``batch + prefetch``
         (those DALI may have been decoding when it failed), e.g. "shard /d/train-0.tar, sample 'k' (.jpg)"."""
         from PIL import Image
 
-        table, last = self.loader.table, min(batch + prefetch, self.loader.batches_per_epoch - 1)
+        table, last = self.table, min(batch + prefetch, self.loader.batches_per_epoch - 1)
         for b in range(batch, last + 1):
-            indices = self.loader.batch_samples(self.order, b)
+            indices = self.indices(b)
             for i, jpg in zip(indices.tolist(), table.read_jpgs(indices)):
                 try:
                     Image.open(io.BytesIO(jpg)).load()
                 except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
                     return f"shard {table.urls[table.shard[i]]}, sample {table.keys[i]!r} (.jpg)"
         return None
+
+
+class OrderSource(TableSource):
+    """Training: the global order (order.py) of ``epoch``, from this rank's batch ``first`` on."""
+
+    def __init__(self, loader: ShardLoader, epoch: int, first: int):
+        super().__init__(loader, first)
+        self.order = loader.epoch_order(epoch)
+
+    def batch_of(self, iteration: int) -> int:
+        # DALI prefetches past the epoch's last batch; those batches are never run.
+        return min(self.first + iteration, self.loader.batches_per_epoch - 1)
+
+    def indices(self, batch: int) -> np.ndarray:
+        return self.loader.batch_samples(self.order, batch)
+
+
+class RangeSource(TableSource):
+    """Validation: this rank's contiguous range [begin, end) of the split in shard order (loader.py), in
+    micro batches from ``first`` on; slots past the range repeat its last sample (the loader labels them
+    -1), so every rank runs the same number of batches and every sample is scored once."""
+
+    def __init__(self, loader: ShardLoader, first: int):
+        super().__init__(loader, first)
+        self.begin, self.end = loader.rank_samples(0)
+        if self.begin >= self.end:
+            raise ValueError(
+                f"{loader.shards.field}: rank {loader.rank} of {loader.world_size} has no validation "
+                f"sample ({loader.num_samples} in all); use at most {loader.num_samples} ranks"
+            )
+
+    def batch_of(self, iteration: int) -> int:
+        # One pipeline serves every evaluation: its prefetch runs on into the next pass's first batches.
+        return (self.first + iteration) % self.loader.batches_per_epoch
+
+    def indices(self, batch: int) -> np.ndarray:
+        start = self.begin + batch * self.loader.unique_batch
+        return np.minimum(np.arange(start, start + self.loader.unique_batch), self.end - 1)
 
 
 class DaliLoader(ShardLoader):
@@ -252,12 +286,13 @@ class DaliLoader(ShardLoader):
                 else (torch.cuda.current_device())
             )
         self._pipe = None
-        self._source: OrderSource | None = None
+        self._source: TableSource | None = None
         self._val_pipe = None  # kept between evaluations once a pass has completed
+        if self.table is None and not self.shards.remote:  # validation reads by offset too
+            self.table = SampleTable(self.shards)
 
     def _build(self, epoch: int, start_batch: int, checkpoint):
         cfg, shards = self.cfg, self.shards
-        begin, end = self.rank_samples(epoch)
         seed = self.epoch_seed(epoch)
         kw = dict(
             batch_size=self.unique_batch,
@@ -266,17 +301,9 @@ class DaliLoader(ShardLoader):
             seed=seed,
             prefetch_queue_depth=cfg.prefetch,
         )
-        if self.global_order:
-            first, dali_state = (
-                (checkpoint["first"], checkpoint["dali"]) if checkpoint else (start_batch, None)
-            )
-            self._source = OrderSource(self, epoch, first)
-            # DALI checkpoints the source's iteration with its RNGs: a restore continues both.
-            pipe = image_pipeline(
-                cfg=cfg, train=True, gpu=self.gpu, source=self._source, repeats=self.repeats,
-                jpegs_only=True, checkpoint=dali_state, **kw,
-            )  # fmt: skip
-        elif shards.remote:
+        self._source = None
+        if shards.remote:
+            begin, end = self.rank_samples(epoch)
             source = external_source_batches(
                 shards, begin, end, seed if self.train else None, cfg.shuffle_buffer,
                 self.batches_per_epoch, self.unique_batch, start_batch,
@@ -286,32 +313,30 @@ class DaliLoader(ShardLoader):
                 cfg=cfg, train=self.train, gpu=self.gpu, source=source, repeats=self.repeats,
                 enable_checkpointing=False, **kw,
             )  # fmt: skip
-        else:
-            reader = dict(
-                paths=shards.urls,
-                index_paths=shards.index_paths,
-                shard_id=self.rank_slot(epoch),
-                num_shards=self.num_slots,
-                random_shuffle=self.train,
-                initial_fill=cfg.shuffle_buffer,
-                pad_last_batch=not self.train,
-                stick_to_shard=True,
-                seed=seed,
+        elif self.train:
+            first, dali_state = (
+                (checkpoint["first"], checkpoint["dali"]) if checkpoint else (start_batch, None)
             )
+            self._source = OrderSource(self, epoch, first)
+            # DALI checkpoints the source's iteration with its RNGs: a restore continues both.
             pipe = image_pipeline(
-                cfg=cfg, train=self.train, gpu=self.gpu, reader=reader, repeats=self.repeats,
-                checkpoint=checkpoint, **kw,
+                cfg=cfg, train=True, gpu=self.gpu, source=self._source, repeats=self.repeats,
+                jpegs_only=True, checkpoint=dali_state, **kw,
+            )  # fmt: skip
+        else:  # validation has no RNG: the source's first batch is its whole position
+            self._source = RangeSource(self, start_batch)
+            pipe = image_pipeline(
+                cfg=cfg, train=False, gpu=self.gpu, source=self._source, jpegs_only=True,
+                enable_checkpointing=False, **kw,
             )  # fmt: skip
         pipe.build()
         return pipe
 
     def _checkpoint(self):
-        # Remote streams are positioned by skipping consumed batches; the reader state is local-only.
-        if self._pipe is None or self.shards.remote:
+        # Remote streams are positioned by skipping consumed batches, validation by its batch number.
+        if self._pipe is None or self.shards.remote or not self.train:
             return None
-        if self.global_order:
-            return {"dali": self._pipe.checkpoint(), "first": self._source.first}
-        return self._pipe.checkpoint()
+        return {"dali": self._pipe.checkpoint(), "first": self._source.first}
 
     def _to_torch(self, tl) -> torch.Tensor:
         tensor = tl.as_tensor()
@@ -325,42 +350,33 @@ class DaliLoader(ShardLoader):
         return torch.from_numpy(np.array(tensor))
 
     def _run_epoch(self, epoch, start_batch, backend_state):
-        local = not self.shards.remote
-        positioned = not local or self.global_order  # the source itself starts at start_batch
-        exact = backend_state is not None or start_batch == 0 or positioned
-        # A local mid-epoch position without a DALI checkpoint (a hand-made state) is reached by replaying
-        # the epoch: slower, but the same samples and augmentations.
-        reuse = local and not self.train
-        if reuse and self._val_pipe is not None:
-            # Taken, not shared: a pass abandoned halfway leaves the reader mid-shard, so it is not kept.
+        # Every source starts at start_batch itself (remote streams skip to it, local ones read it).
+        reuse = not self.shards.remote and not self.train
+        if reuse and self._val_pipe is not None and start_batch == 0:
+            # Taken, not shared: a pass abandoned halfway leaves the source mid-pass, so it is not kept.
             self._pipe, self._val_pipe = self._val_pipe, None
         else:
-            self._pipe = self._build(
-                epoch, start_batch if positioned else 0, backend_state if local else None
-            )
-        first = start_batch if exact else 0
+            self._val_pipe = None
+            self._pipe = self._build(epoch, start_batch, backend_state)
         begin, end = self.rank_samples(epoch)
         real_total = end - begin if not self.global_order else self.num_samples  # train: full batches
         fld = self.shards.field
-        for i in range(first, self.batches_per_epoch):
+        for i in range(start_batch, self.batches_per_epoch):
             try:
                 outputs = self._pipe.run()
             except Exception as e:
-                # DALI names the failing sample by its source_info "/path/shard.tar:offset:key.ext".
-                m = re.search(r"(\S+\.tar):(\d+):([^\s.]+)\.(\w+)", str(e))
-                where = f"shard {m.group(1)}, sample {m.group(3)!r} (.{m.group(4)})" if m else "a shard"
-                if self.global_order:  # an external source has no source_info: find the sample
-                    where = self._source.undecodable(i, self.cfg.prefetch) or where
+                source = self._source
+                if source is not None and source.read_error is not None:
+                    raise source.read_error from e  # names the shard and sample, after its retries
+                # An external source has no source_info: find the sample that does not decode.
+                where = (source.undecodable(i, self.cfg.prefetch) if source else None) or "a shard"
                 raise RuntimeError(
                     f"{fld}: DALI failed on {where} in epoch {epoch}, batch {i} of rank {self.rank}: {e}"
                 ) from e
-            if self.global_order:
+            if self._source is not None:  # local shards: only the JPEGs went through DALI
                 views, (classes, keys) = outputs, self._source.labels(i)
             else:
                 *views, cls, names = outputs
-            if i < start_batch:
-                continue
-            if not self.global_order:
                 keys = [_name(names.at(j)) for j in range(len(names))]
                 classes = [bytes(cls.at(j)) for j in range(len(keys))]
             real = max(0, min(self.unique_batch, real_total - i * self.unique_batch))
@@ -374,6 +390,6 @@ class DaliLoader(ShardLoader):
             b, n = self.micro_batch, len(views)  # repeated augmentation: n views, cut to the micro batch
             images = torch.cat([self._to_torch(v) for v in views])[:b]
             yield images, torch.tensor((labels * n)[:b], dtype=torch.int64), (keys * n)[:b]
-        if reuse and first == 0:
+        if reuse and start_batch == 0:
             self._val_pipe = self._pipe
         self._pipe = None

@@ -22,11 +22,13 @@ operator arguments (angles, matrices, factors). The pipeline needs `enable_condi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 from nvidia.dali.auto_aug import augmentations as dali_aug
-from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
+from nvidia.dali.auto_aug.core import _Augmentation, augmentation, select, signed_bin
+from nvidia.dali.pipeline import do_not_convert
 
 from pvt_dist.data.config import RandAugmentSpec
 from pvt_dist.data.dali_import import dmath, fn, types
@@ -34,8 +36,9 @@ from pvt_dist.data.dali_import import dmath, fn, types
 LEVEL_STEP = 0.1
 """Resolution of the noisy magnitude: levels are drawn continuously and rounded to this grid, whose every
 point has its op parameters precomputed (one bin of DALI's auto_aug tables per step). 0.1 level is 0.3
-deg of rotation, 0.003 of shear, 1/5 of mstd 0.5. Tracing the pipeline costs time per bin (DALI's
-autograph converts the table computation: ~80 s at 0.01 on one CPU core, measured), hence not finer."""
+deg of rotation, 0.003 of shear, 1/5 of mstd 0.5. Tracing the pipeline cost time per bin while DALI's
+autograph converted the table computation (~80 s at 0.01 on one CPU core, measured); the tables are now
+computed once per process outside it (`TabulatedAugmentation`), finer grids not re-measured."""
 
 TIMM_FILL = (124, 116, 104)
 """timm's `img_mean` for the ImageNet mean: round(255 * (0.485, 0.456, 0.406)), the geometric ops' fill."""
@@ -109,22 +112,47 @@ def luma_color(data, factor):
     return fn.saturation(data, saturation=factor)
 
 
-def timm_ops(spec: RandAugmentSpec, shape_hw: tuple[int, int], channels: int = 3) -> list:
+class TabulatedAugmentation(_Augmentation):
+    """DALI's `Augmentation` whose parameter table is computed once, as plain Python.
+
+    DALI tabulates ``mag_to_param`` over the magnitude grid every time an op is called in a pipeline
+    definition, and with ``enable_conditionals`` that runs under autograph (which converts
+    nvidia.dali.auto_aug): ~2.5 ms per bin, ~9 s of every training pipeline build (one per epoch) on a
+    CPU core, measured at rand-m9-mstd0.5-inc1. The table depends on the grid only, so it is computed
+    unconverted and kept on the augmentation; `timm_ops` keeps one suite per process, so later builds
+    reuse it."""
+
+    @do_not_convert
+    def _map_mags_to_params(self, magnitudes):
+        tables = self.__dict__.setdefault("_tables", {})
+        key = np.asarray(magnitudes).tobytes()
+        if key not in tables:
+            tables[key] = super()._map_mags_to_params(magnitudes)
+        return tables[key]
+
+
+@functools.cache
+def timm_ops(spec: RandAugmentSpec, shape_hw: tuple[int, int], channels: int = 3) -> tuple:
     """timm's RandAugment op list for `spec` (its order: `_RAND_INCREASING_TRANSFORMS` or
     `_RAND_TRANSFORMS`), as (timm name, DALI Augmentation) pairs over the magnitude grid `levels(mmax)`.
 
     Call an op as `op(images, magnitude_bin=signed_bin(bins, random_sign=signs),
     num_magnitude_bins=len(levels(spec.mmax)), fill=..., interp_type=...)`; `shape_hw` is the images'
-    (H, W) (every RandAugment input of a pipeline has the train crop's size).
+    (H, W) (every RandAugment input of a pipeline has the train crop's size). Built once per arguments
+    and process: the ops keep their parameter tables (`TabulatedAugmentation`).
     """
     h, w = shape_hw
     grid, inc = levels(spec.mmax), spec.increasing
 
+    def tabulated(op, to_param, negate: bool):
+        kw = dict(mag_range=grid, randomly_negate=negate, mag_to_param=to_param)
+        return op.augmentation(**kw, augmentation_cls=TabulatedAugmentation)
+
     def signed(op, to_param):
-        return op.augmentation(mag_range=grid, randomly_negate=True, mag_to_param=to_param)
+        return tabulated(op, to_param, True)
 
     def unsigned(op, to_param):
-        return op.augmentation(mag_range=grid, randomly_negate=False, mag_to_param=to_param)
+        return tabulated(op, to_param, False)
 
     def warp(to_matrix):
         return signed(pil_affine, to_matrix)
@@ -140,7 +168,7 @@ def timm_ops(spec: RandAugmentSpec, shape_hw: tuple[int, int], channels: int = 3
 
     suffix = "Increasing" if inc else ""
     color = enhance(luma_color) if channels == 3 else dali_aug.identity  # PIL: Color of "L" is a no-op
-    return [
+    return (
         ("AutoContrast", dali_aug.auto_contrast),
         ("Equalize", dali_aug.equalize),
         ("Invert", dali_aug.invert),
@@ -156,7 +184,7 @@ def timm_ops(spec: RandAugmentSpec, shape_hw: tuple[int, int], channels: int = 3
         ("ShearY", warp(lambda lv: _affine(1, 0, 0, lv / 10 * 0.3, 1, 0))),
         ("TranslateXRel", warp(lambda lv: _affine(1, 0, lv / 10 * 0.45 * w, 0, 1, 0))),
         ("TranslateYRel", warp(lambda lv: _affine(1, 0, 0, 0, 1, lv / 10 * 0.45 * h))),
-    ]
+    )
 
 
 def draw_levels(spec: RandAugmentSpec):
