@@ -29,6 +29,7 @@ from pvt_dist.detection import (  # noqa: E402
     build_detector,
 )
 from pvt_dist.detection.data import DetectionDataConfig, build_detection_loader  # noqa: E402
+from pvt_dist.detection.deformable_transformer import DeformableTransformerConfig  # noqa: E402
 from pvt_dist.detection.detector import num_decoder_layers  # noqa: E402
 
 
@@ -51,11 +52,18 @@ def _forever(loader):
 
 
 def time_head(loader, head: str, backbone: str, batches: int, device: torch.device, train: bool) -> float:
-    """Median seconds per batch of a train step (train=True) or an inference forward of ``head``."""
+    """Median seconds per batch of a train step (train=True) or an inference forward of ``head``
+    (``deformable_two_stage``: the deformable head with two-stage queries and box refinement)."""
     ann = loader.annotations
-    cfg = DETRConfig(head=head, backbone=BackboneConfig(name=backbone), num_classes=ann.num_classes)
+    two_stage = head == "deformable_two_stage"
+    cfg = DETRConfig(
+        head="deformable" if two_stage else head,
+        backbone=BackboneConfig(name=backbone),
+        deformable=DeformableTransformerConfig(with_box_refine=two_stage, two_stage=two_stage),
+        num_classes=ann.num_classes,
+    )
     model = build_detector(cfg).to(device).train(train)
-    crit = build_criterion(LossConfig(), ann.num_classes, num_decoder_layers(cfg), True, head)
+    crit = build_criterion(LossConfig(), ann.num_classes, num_decoder_layers(cfg), True, cfg.head, two_stage)
     post = PostProcess.for_model(model)
     data = _forever(loader)
     times = []
@@ -84,9 +92,10 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=10, help="timed batches per row")
     ap.add_argument("--backbone", default="pvt_v2_b0", help="backbone of the detector rows")
     ap.add_argument(
-        "--heads", nargs="+", default=["detr", "deformable"], choices=["detr", "deformable"],
+        "--heads", nargs="+", default=["detr", "deformable"],
+        choices=["detr", "deformable", "deformable_two_stage"],
         help="detection heads timed (each at its default size: DETR 100 queries on stage 4, Deformable-DETR "
-        "300 queries on stages 2-4 + a stride-64 level)",
+        "300 queries on stages 2-4 + a stride-64 level; deformable_two_stage adds two-stage + box refine)",
     )  # fmt: skip
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="DALI device and model device")
     ap.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
