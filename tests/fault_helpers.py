@@ -29,18 +29,20 @@ def train_main():
 
 
 def launch(
-    launcher: str, config: Path, *overrides: str, log: Path, nproc: int = 2, env: dict | None = None
-) -> subprocess.Popen:
+    launcher: str, config: Path, *overrides: str, log: Path, nproc: int = 2, env: dict | None = None,
+    script: Path = TRAIN,
+) -> subprocess.Popen:  # fmt: skip
     """Start a training run in its own session (so a failed test can end all of it), output to `log`.
 
-    ``env`` adds variables to the ranks' environment (e.g. the checkpoint pause hook of the tests)."""
+    ``env`` adds variables to the ranks' environment (e.g. the checkpoint pause hook of the tests);
+    ``script`` is the entry point (launch/train.py, or launch/finetune_detr.py for stage 2)."""
     port = f"--master_port={free_port()}"
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", port, str(TRAIN)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", port, str(script)]
     elif launcher == "deepspeed":
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}", port, str(TRAIN)]
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}", port, str(script)]
     else:  # one plain process (world size 1)
-        cmd = [sys.executable, str(TRAIN)]
+        cmd = [sys.executable, str(script)]
     cmd += ["--config", str(config), *overrides]
     out = open(log, "w")  # noqa: SIM115 - closed by finish()
     proc = subprocess.Popen(
@@ -70,9 +72,9 @@ def finish(proc: subprocess.Popen, timeout: float) -> int:
 
 def run(
     launcher: str, config: Path, *overrides: str, log: Path, nproc: int = 2, timeout: float = 300,
-    env: dict | None = None,
+    env: dict | None = None, script: Path = TRAIN,
 ):  # fmt: skip
-    proc = launch(launcher, config, *overrides, log=log, nproc=nproc, env=env)
+    proc = launch(launcher, config, *overrides, log=log, nproc=nproc, env=env, script=script)
     return finish(proc, timeout), log.read_text()
 
 
@@ -94,8 +96,8 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def rank_pids(launcher_pid: int) -> dict[int, int]:
-    """{rank: pid} of the training processes under a launcher, from their environment (RANK=)."""
+def rank_pids(launcher_pid: int, script: str = "train.py") -> dict[int, int]:
+    """{rank: pid} of the ``script`` processes under a launcher, from their environment (RANK=)."""
     kids, todo, found = _children(), [launcher_pid], {}
     while todo:
         pid = todo.pop()
@@ -106,7 +108,8 @@ def rank_pids(launcher_pid: int) -> dict[int, int]:
         except OSError:
             continue
         rank = [e[5:] for e in env if e.startswith(b"RANK=")]
-        if rank and any(c.endswith(b"train.py") for c in cmdline) and b"torch.distributed.run" not in cmdline:
+        is_script = any(c.endswith(script.encode()) for c in cmdline)
+        if rank and is_script and b"torch.distributed.run" not in cmdline:
             found[int(rank[0])] = pid
     return found
 
@@ -128,7 +131,7 @@ def steps_logged(run_dir: Path) -> dict[int, float]:
         if not line.endswith("}"):
             continue
         rec = json.loads(line)
-        if rec["kind"] == "step":
+        if rec["kind"] == "step" and "train/loss_step" in rec:  # stage 2 logs its loss terms apart
             assert rec["step"] not in out, f"step {rec['step']} logged twice"
             out[rec["step"]] = rec["train/loss_step"]
     return out

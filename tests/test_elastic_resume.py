@@ -16,12 +16,15 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from detection_helpers import labelme_example
 from fault_helpers import export_and_load, finish, latest, launch, rank_pids, run, steps_logged, wait_until
-from launch_helpers import tiny_run_yaml
+from launch_helpers import ROOT, rank_env, tiny_run_yaml
 
 STEPS, STOP = 32, 16  # one epoch: 2048 samples / global batch 64; the stop is half way through it
 GLOBAL, TRAIN_SAMPLES = 64, 2048
@@ -137,9 +140,9 @@ def resume(
     return run_dir, out, keys
 
 
-def conversion_seconds(out: str, source: str, target: str) -> float:
+def conversion_seconds(out: str, source: str, target: str, stop: int = STOP) -> float:
     m = re.search(
-        rf"elastic resume: {source} -> {target}, converted step_{STOP:08d} to universal checkpoint (\S+) "
+        rf"elastic resume: {source} -> {target}, converted step_{stop:08d} to universal checkpoint (\S+) "
         r"in ([\d.]+) s",
         out,
     )
@@ -238,3 +241,73 @@ def test_preempted_run_resumes_on_four_ranks(stage, runs, tmp_path):
     rows = loss_rows(runs.baseline("fallback", stage)[0], losses, f"fallback 2 ranks ZeRO-{stage} -> 4 ranks")
     assert max(abs(b - a) for _, a, b in rows) < SAME_TENSORS_TOL
     assert len(export_and_load(run_dir, tmp_path / "weights.pth")) > 100
+
+
+DETR = ROOT / "launch" / "finetune_detr.py"
+DETR_STEPS, DETR_STOP = 6, 3  # 3 photos, global batch 2: 2 steps per epoch; the stop is mid-epoch 1
+
+
+@pytest.mark.slow
+def test_detr_preempted_on_two_ranks_resumes_on_one(tmp_path):
+    """Stage 2 through stage 1's elastic path: DETR on the labelme photos, 2 ranks ZeRO-2 bf16 (global batch
+    2 = 1 x 1 x 2), stopped by SIGUSR1 on its step-3 checkpoint, resumes on 1 rank with the global batch
+    kept (1 x 2 x 1): the checkpoint is converted to a universal one next to the untouched original, the
+    run ends at step 6 with every step once, and its export scores the run's own final COCO AP.
+
+    Stage 2's loaders keep a per-rank position (no global order), so a mid-epoch checkpoint resumes at the
+    next epoch's start, and the log says what of the interrupted epoch is not read."""
+    root = labelme_example()
+    run_dir, marker = tmp_path / "run", tmp_path / "paused"
+    ann = root / "annotations.json"
+    config = ROOT / "configs" / "detr" / "labelme_overfit.yaml"
+    overrides = [
+        f"run_dir={run_dir}",
+        f"data.train_ann={ann}",
+        f"data.train_images={root}",
+        f"data.val_ann={ann}",
+        f"data.val_images={root}",
+        f"schedule.total_steps={DETR_STEPS}",
+        f"checkpoint.every_steps={DETR_STOP}",
+        "checkpoint.keep_last=2",  # the step-3 original stays next to step 6, to be compared
+        "eval.every_steps=1000",
+        "logging.log_every=1",
+        "deepspeed.zero_stage=2",
+        "deepspeed.precision=bf16",
+        "deepspeed.global_batch=2",
+        "deepspeed.micro_batch=1",
+        "dist.timeout_s=120",
+    ]
+    env = {"PVT_DIST_TEST_PAUSE_BEFORE_LATEST": f"{DETR_STOP}:3:{marker}"}
+    proc = launch("torchrun", config, *overrides, log=tmp_path / "two.log", env=env, script=DETR)
+    wait_until(lambda: Path(f"{marker}.rank0").is_file(), proc, 300, f"the step-{DETR_STOP} save")
+    for pid in rank_pids(proc.pid, DETR.name).values():
+        os.kill(pid, signal.SIGUSR1)
+    rc = finish(proc, 120)
+    out = proc.log_path.read_text()
+    assert rc == 0 and f"stopped for preemption at step {DETR_STOP} " in out, out[-4000:]
+    assert "world 2 | ZeRO-2 bf16 | batch 2 = 1 x 1 x 2" in out
+    assert latest(run_dir) == f"step_{DETR_STOP:08d}" and sorted(steps_logged(run_dir)) == [1, 2, 3]
+    original = run_dir / "checkpoints" / f"step_{DETR_STOP:08d}"
+    before = tree_digest(original)
+
+    rc, out = run("single", config, *overrides, log=tmp_path / "one.log", script=DETR)
+    assert rc == 0, out[-6000:]
+    assert tree_digest(original) == before, "the conversion modified the original checkpoint"
+    seconds = conversion_seconds(out, "2 ranks, ZeRO-2", "1 ranks, ZeRO-2", DETR_STOP)
+    print(f"\n[elastic] DETR ds_to_universal 2 ranks ZeRO-2 -> 1 rank ZeRO-2: {seconds:.1f} s")
+    assert "world 1 | ZeRO-2 bf16 | batch 2 = 1 x 2 x 1" in out
+    assert f"resumed from {original} at step {DETR_STOP}" in out
+    assert "elastic resume: 2 -> 1 ranks mid-epoch 1 (batch 1 per rank)" in out
+    assert f"finished at step {DETR_STEPS}" in out
+    assert sorted(steps_logged(run_dir)) == list(range(1, DETR_STEPS + 1))  # each once (steps_logged)
+    assert latest(run_dir) == f"step_{DETR_STEPS:08d}"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["step"] == DETR_STEPS and result["AP"] is not None, result
+
+    scores = tmp_path / "eval.json"
+    export = run_dir / "detector.pth"
+    cmd = [sys.executable, str(ROOT / "launch" / "evaluate_detr.py"), "--weights", str(export),
+           "--ann", str(ann), "--images", str(root), "--json", str(scores)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=rank_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(scores.read_text())["AP"] == pytest.approx(result["AP"], abs=1e-6)
