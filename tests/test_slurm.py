@@ -543,3 +543,50 @@ def test_scancel_without_signal_saves_and_resubmission_resumes(cluster, fmnist_s
     assert (state, code) == ("COMPLETED", "0:0"), log2.read_text()[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / tag} at step {stopped}" in log2.read_text()
     assert_finished_run(run_dir)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_job_resubmitted_on_fewer_nodes_resumes_elastically(cluster, fmnist_shards, tmp_path):
+    """A 2-node job is cancelled (scancel: SIGTERM, checkpoint saved, not requeued) and the same run is
+    resubmitted with --nodes 1: the global batch 16 is kept (8 x 2 x 1 instead of 8 x 1 x 2), the stop
+    checkpoint is converted to a universal one (2 ranks ZeRO-1 -> 1 rank), the data continue from the
+    global samples consumed, and the run ends at STEPS with every optimizer step once."""
+    import re
+
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "tiny.yaml", fmnist_shards, run_dir)
+    log = tmp_path / "job.out"
+    t0 = time.time()
+    job = sbatch(config, log)
+    wait_step(run_dir, 6, job, 400, log)
+    subprocess.run(["scancel", job], check=True)
+    state, _ = wait_final(job, 120, log)
+    wait_gone(job, 60)
+    text = log.read_text()
+    assert state == "CANCELLED" and "2 tasks on n[1-2]" in text and "world 2" in text, text[-3000:]
+    m = re.search(r"stopped for preemption at step (\d+)", text)
+    assert m, f"the cancelled job did not save:\n{text[-4000:]}"
+    stopped = int(m.group(1))
+    tag = f"step_{stopped:08d}"
+    assert (run_dir / "checkpoints" / "latest").read_text() == tag and stopped < STEPS
+
+    log2 = tmp_path / "job2.out"
+    state, code = wait_final(sbatch(config, log2, "--nodes=1"), 600, log2)
+    print(f"2 nodes, cancelled at step {stopped}, resubmitted on 1 node: {time.time() - t0:.0f} s")
+    text = log2.read_text()
+    assert (state, code) == ("COMPLETED", "0:0"), text[-4000:]
+    assert re.search(r"restart 0: 1 tasks on n[12],", text) and "batch 16 = 8 x 2 x 1" in text, text[-4000:]
+    m = re.search(
+        rf"elastic resume: 2 ranks, ZeRO-1 -> 1 ranks, ZeRO-1, converted {tag} to universal checkpoint "
+        r"\S+ in ([\d.]+) s",
+        text,
+    )
+    assert m, text[-4000:]
+    print(f"ds_to_universal 2 ranks ZeRO-1 -> 1 rank ZeRO-1: {m.group(1)} s")
+    samples = stopped * 16
+    assert f"the data continue at epoch 0 + {samples} samples (global order) on 1 ranks" in text
+    assert f"resumed from {run_dir / 'checkpoints' / tag} at step {stopped}" in text
+    assert_finished_run(run_dir)  # latest = the final step, one TensorBoard loss per step, none repeated
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if s["kind"] == "step"] == list(range(1, STEPS + 1))
