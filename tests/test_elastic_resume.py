@@ -36,11 +36,13 @@ SAME_TENSORS_TOL = 0.02
 KEYS = "PVT_DIST_TEST_RECORD_KEYS"
 
 
-def elastic_yaml(shards, backend: str) -> str:
+def elastic_yaml(shards, backend: str, offload: bool = False) -> str:
+    """``offload``: the optimizer states on CPU (ZeRO-Offload, DeepSpeedCPUAdam)."""
+    cpu = ", offload_optimizer: cpu" if offload else ""
     rest = f"""
 optim: {{lr: 3.0e-3, scale_lr: false, weight_decay: 0.01}}
 schedule: {{total_steps: {STEPS}, warmup_steps: 1, min_lr: 1.0e-4}}
-deepspeed: {{zero_stage: 2, precision: bf16, global_batch: {GLOBAL}, micro_batch: 32}}
+deepspeed: {{zero_stage: 2, precision: bf16, global_batch: {GLOBAL}, micro_batch: 32{cpu}}}
 eval: {{every_steps: 1000, at_end: false}}
 checkpoint: {{every_steps: {STOP}, keep_last: 2}}
 logging: {{log_every: 4, tensorboard: false}}
@@ -56,9 +58,11 @@ class Runs:
         self.root, self.shards, self.made = root, shards, {}
 
     def config(self, backend: str) -> Path:
+        """``backend``: the data backend, "+offload" appended for the optimizer states on CPU."""
         path = self.root / f"{backend}.yaml"
         if not path.is_file():
-            path.write_text(elastic_yaml(self.shards, backend))
+            name, _, offload = backend.partition("+")
+            path.write_text(elastic_yaml(self.shards, name, offload == "offload"))
         return path
 
     def baseline(self, backend: str, stage: int = 2) -> tuple[dict, Path]:
@@ -311,3 +315,20 @@ def test_detr_preempted_on_two_ranks_resumes_on_one(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=rank_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads(scores.read_text())["AP"] == pytest.approx(result["AP"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_offloaded_optimizer_resumes_on_one_rank(runs, tmp_path):
+    """ZeRO-2 with the optimizer states offloaded to CPU (DeepSpeedCPUAdam), fallback backend, 2 ranks ->
+    1 rank: converted like GPU-resident states; every step once, every step reads the uninterrupted
+    offloaded run's samples, the next 5 losses are that run's within SAME_TENSORS_TOL, the export loads."""
+    backend = "fallback+offload"
+    run_dir, out, keys = resume(runs, backend, tmp_path, 1)
+    assert "offload_optimizer: cpu" in (run_dir / "config.yaml").read_text()  # the resolved config
+    seconds = conversion_seconds(out, "2 ranks, ZeRO-2", "1 ranks, ZeRO-2")
+    print(f"\n[elastic] ds_to_universal 2 ranks ZeRO-2 + CPU offload -> 1 rank: {seconds:.1f} s")
+    assert "batch 64 = 32 x 2 x 1" in out
+    losses = check_steps_and_keys(runs, backend, run_dir, keys, 1)
+    rows = loss_rows(runs.baseline(backend)[0], losses, "fallback + CPU offload, 2 ranks ZeRO-2 -> 1 rank")
+    assert max(abs(b - a) for _, a, b in rows) < SAME_TENSORS_TOL
+    assert len(export_and_load(run_dir, tmp_path / "weights.pth")) > 100
