@@ -68,3 +68,23 @@ def test_rank_that_cannot_see_the_checkpoint_fails_naming_path_and_host(tmp_path
     assert "the run dir is not shared across nodes" in msg
     kind, msg = out[0]
     assert kind == "error" and "rank(s) [1]" in msg and "not shared across nodes" in msg, msg
+
+
+def test_prune_removes_old_universal_conversions_and_their_stale_pointer(tmp_path):
+    """keep_last 1: the step-2 checkpoint, its universal conversion and ds_to_universal's
+    `latest_universal` pointer to it go; the step-4 checkpoint stays. A pointer to a kept conversion stays."""
+    from pvt_dist.engine.checkpoint import STATE_FILE
+
+    ckpt = tmp_path / "checkpoints"
+    for name in ("step_00000002", "step_00000004"):
+        (ckpt / name).mkdir(parents=True)
+        (ckpt / name / STATE_FILE).write_text("{}")
+    (ckpt / "step_00000002_universal").mkdir()
+    (ckpt / "latest_universal").write_text("step_00000002_universal")
+    CheckpointManager(str(ckpt), 0, 1, 1)._prune("step_00000004")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000004"]
+
+    (ckpt / "step_00000004_universal").mkdir()
+    (ckpt / "latest_universal").write_text("step_00000004_universal")
+    CheckpointManager(str(ckpt), 0, 1, 1)._prune("step_00000004")
+    assert (ckpt / "latest_universal").read_text() == "step_00000004_universal"

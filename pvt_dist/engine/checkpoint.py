@@ -9,6 +9,7 @@ the previous ``latest`` intact and the partial directory is removed by the next 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -263,6 +264,12 @@ class CheckpointManager:
             base = name.removesuffix(UNIVERSAL_SUFFIX)
             if base != name and _TAG.match(base) and base not in keep:
                 shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+        pointer = os.path.join(self.dir, "latest_universal")  # ds_to_universal's; stale once its target goes
+        with contextlib.suppress(OSError):
+            with open(pointer) as f:
+                target = f.read().strip()
+            if not os.path.isdir(os.path.join(self.dir, target)):
+                os.remove(pointer)
 
     def _export_hint(self) -> str:
         return (
