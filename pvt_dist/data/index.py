@@ -310,8 +310,6 @@ class SampleTable:
         for i, s, (jo, js, co, cs) in zip(indices.tolist(), shards, rows):
             lo, hi = min(jo, co), max(jo + js, co + cs)
             blob = self._pread(s, i, hi - lo, lo)
-            if len(blob) != hi - lo:
-                raise ValueError(f"{self.field}: shard {self.urls[s]}: sample {self.keys[i]!r} is truncated")
             jpgs.append(blob[jo - lo : jo - lo + js])
             classes.append(blob[co - lo : co - lo + cs])
             names.append(f"{self.labels[s]}:{self.keys[i]}")
@@ -332,18 +330,15 @@ class SampleTable:
         """One member per sample: .jpg (``column`` 0) or .cls (2), at its indexed (offset, size)."""
         shards = self.shard[indices].tolist()
         rows = self.offsets[indices, column : column + 2].tolist()
-        out = []
-        for i, s, (off, size) in zip(indices.tolist(), shards, rows):
-            out.append(self._pread(s, i, size, off))
-            if len(out[-1]) != size:
-                raise ValueError(f"{self.field}: shard {self.urls[s]}: sample {self.keys[i]!r} is truncated")
-        return out
+        return [self._pread(s, i, size, off) for i, s, (off, size) in zip(indices.tolist(), shards, rows)]
 
     def _pread(self, s: int, i: int, size: int, offset: int) -> bytes:
+        """Exactly ``size`` bytes of sample ``i`` at ``offset`` in shard ``s``, retrying failed reads; a short
+        read (the shard is shorter than its index says) is an error naming shard and sample."""
         attempt, t0 = 0, time.monotonic()
         while True:
             try:
-                return os.pread(self._fd(s), size, offset)
+                blob = os.pread(self._fd(s), size, offset)
             except OSError as e:
                 fd = self._fds.pop(s, None)  # a stale handle is useless: reopen on the next attempt
                 if fd is not None:
@@ -363,6 +358,10 @@ class SampleTable:
                     self.field, self.urls[s], e.strerror or e, attempt, self.retries, delay,
                 )  # fmt: skip
                 time.sleep(delay)
+                continue
+            if len(blob) != size:
+                raise ValueError(f"{self.field}: shard {self.urls[s]}: sample {self.keys[i]!r} is truncated")
+            return blob
 
     def close(self) -> None:
         for fd in self._fds.values():
