@@ -133,5 +133,5 @@ def test_demo_stage2_config_is_the_two_stage_deformable_head_on_tree_crowns():
     assert m.deformable.two_stage and m.deformable.with_box_refine and m.num_classes == 1
     assert cfg.data.train_ann == "data/tree_crowns/train/annotations.json"
     assert cfg.data.val_ann == "data/tree_crowns/val/annotations.json"
-    assert (cfg.schedule.total_steps, cfg.deepspeed.global_batch) == (400, 4)
+    assert (cfg.schedule.total_steps, cfg.deepspeed.global_batch) == (700, 4)
     assert "demo_tree_crowns.yaml" in Path("scripts/demo.sh").read_text()
