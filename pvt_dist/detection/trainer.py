@@ -21,7 +21,8 @@ from pvt_dist.cluster import distributed as pdist
 from pvt_dist.cluster.distributed import DistEnv
 from pvt_dist.engine.cpu_bf16 import fp32_gemm
 from pvt_dist.engine.ds_config import build_deepspeed_config
-from pvt_dist.engine.trainer import Trainer, seed_all
+from pvt_dist.engine.resume import seed_all
+from pvt_dist.engine.trainer import Trainer
 
 from .config import DetrTrainConfig, resolve_detr_schedule
 from .criterion import build_criterion

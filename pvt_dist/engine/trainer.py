@@ -11,15 +11,12 @@ rank, so a resumed run computes exactly the losses the uninterrupted run would h
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -35,6 +32,15 @@ from pvt_dist.engine.evaluate import evaluate
 from pvt_dist.engine.logger import MetricLogger, memory_mb
 from pvt_dist.engine.optim import build_optimizer, build_param_groups, build_scheduler, resolve_schedule
 from pvt_dist.engine.perf import PhaseTimer, StepProfiler, measured_peak_tflops, model_flops_per_image
+from pvt_dist.engine.resume import (
+    DataStream,
+    check_global_batch,
+    elastic_data_position,
+    elastic_rng,
+    rng_state,
+    seed_all,
+    set_rng_state,
+)
 from pvt_dist.engine.tf32 import apply_tf32
 
 log = logging.getLogger("pvt_dist.train")
@@ -44,69 +50,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf under bf16/fp32; the run stops, its last checkpoint stays intact."""
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# Tests only (tests/test_elastic_resume.py): a path prefix; every rank appends the sample keys of each
-# training batch it reads, one JSON line per batch ({"epoch", "keys"}), to PREFIX.rankN.
-KEYS_ENV = "PVT_DIST_TEST_RECORD_KEYS"
-
-
-class DataStream:
-    """Endless iterator over a loader's epochs whose position (epoch + loader state) can be saved."""
-
-    def __init__(self, loader, epoch: int = 0, loader_state: dict | None = None):
-        self.loader = loader
-        self.epoch = epoch
-        self._keys_file = None
-        if os.environ.get(KEYS_ENV) and hasattr(loader, "return_keys"):
-            loader.return_keys = True
-            self._keys_file = open(f"{os.environ[KEYS_ENV]}.rank{loader.rank}", "a")  # noqa: SIM115
-        loader.set_epoch(epoch)
-        if loader_state is not None:
-            loader.load_state_dict(loader_state)
-            # A position saved at the very end of an epoch resumes at the start of the next one.
-            self.epoch = getattr(loader, "epoch", epoch)
-        self._it = iter(loader)
-
-    def __next__(self):
-        for _ in range(2):
-            try:
-                batch = next(self._it)
-                if self._keys_file is not None:
-                    images, labels, keys = batch
-                    self._keys_file.write(json.dumps({"epoch": self.epoch, "keys": keys}) + "\n")
-                    self._keys_file.flush()
-                    batch = images, labels
-                return batch
-            except StopIteration:
-                self.epoch += 1
-                self.loader.set_epoch(self.epoch)
-                self._it = iter(self.loader)
-        raise RuntimeError("the training loader yields no batch in a whole epoch")
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
 
 
 def build_criterion(cfg: TrainConfig, mixup) -> torch.nn.Module:
@@ -171,7 +114,7 @@ class Trainer:
         """Resume from ``resume_tag`` (engine, step, RNG, data position) or start at step 0.
 
         The checkpoint's ``checkpoint_identity()`` must match this run's, except in the world size and ZeRO
-        stage (an elastic resume, see ``_elastic_position``); so must its global batch unless
+        stage (an elastic resume, see ``resume.py``); so must its global batch unless
         ``checkpoint.allow_global_batch_change``. Returns the checkpoint's client state ({} for a fresh
         start). The config is written to the run directory only after this, so a refused resume leaves the
         run's config.yaml as it was.
@@ -179,7 +122,10 @@ class Trainer:
         self.step, client = 0, {}
         data_epoch, loader_state = 0, None
         if resume_tag is not None:
-            self._check_global_batch(read_trainer_state(self.ckpt.dir, resume_tag), resume_tag)
+            checkpoint = os.path.join(self.ckpt.dir, resume_tag)
+            check_global_batch(
+                self.cfg, self.world, checkpoint, read_trainer_state(self.ckpt.dir, resume_tag)
+            )
             client, rank_state, meta = self.ckpt.load(self.engine, resume_tag, self.checkpoint_identity())
             self.step = int(meta["step"])
             if meta.get("config_hash") != config_hash(self.cfg):
@@ -189,70 +135,15 @@ class Trainer:
                 set_rng_state(rank_state["rng"])
                 data_epoch, loader_state = rank_state["data"]["epoch"], rank_state["data"]["loader"]
             else:
-                data_epoch, loader_state = self._elastic_position(resume_tag, rank_state, meta["world_size"])
-            log.info("resumed from %s at step %d", os.path.join(self.ckpt.dir, resume_tag), self.step)
+                elastic_rng(self.cfg, self.step, self.rank, rank_state)
+                data = (rank_state or self.ckpt.rank_state(resume_tag, 0))["data"]
+                data_epoch, loader_state = elastic_data_position(
+                    data, self.rank, self.world, meta["world_size"]
+                )
+            log.info("resumed from %s at step %d", checkpoint, self.step)
         self.stream = DataStream(self.train_loader, data_epoch, loader_state)
         self.last_saved = self.step if resume_tag is not None else -1
         return client
-
-    def _check_global_batch(self, meta: dict, tag: str) -> None:
-        """Refuse, before any loading, a resume that would silently change the global batch."""
-        saved, now = meta.get("global_batch"), self.cfg.deepspeed.global_batch
-        if saved is None or saved == now:
-            return
-        ds = self.cfg.deepspeed
-        if not self.cfg.checkpoint.allow_global_batch_change:
-            raise RuntimeError(
-                f"deepspeed.global_batch: checkpoint {os.path.join(self.ckpt.dir, tag)} was trained with a "
-                f"global batch of {saved}, this run has {now} (micro {ds.micro_batch} x accum "
-                f"{ds.grad_accum} x {self.world} ranks). Set deepspeed.global_batch={saved} to keep it "
-                f"(micro batch and accumulation are re-derived for {self.world} ranks), or "
-                "checkpoint.allow_global_batch_change=true to change it"
-            )
-        scaled = getattr(self.cfg.optim, "scale_lr", False)  # stage 2 (DETR) never scales its lr
-        lr = peak_lr(self.cfg) if scaled else self.cfg.optim.lr
-        log.warning(
-            "global batch %d -> %d (checkpoint.allow_global_batch_change): peak lr %.3g (%s)", saved, now, lr,
-            "optim.scale_lr: lr x global batch / optim.lr_ref_batch" if scaled else "optim.lr as set",
-        )  # fmt: skip
-
-    def _elastic_position(self, tag: str, rank_state: dict | None, saved_world: int) -> tuple:
-        """RNG and data position of a resume on another world size: (data epoch, loader state or None).
-
-        A rank that existed in the writing run continues its RNG stream, a new rank starts one seeded from
-        (seed, step, rank). In the global order (local shards, ``pvt_dist/data/order.py``) the loader
-        continues from the samples consumed, the same for every rank. Otherwise (remote shards; stage 2)
-        the position is per rank for the writing world's rank plan, which another world cannot continue: a
-        checkpoint taken mid-epoch resumes at the start of the next epoch and the rest of the interrupted
-        one is not read (logged).
-        """
-        from pvt_dist.data.loader import mix_seed
-
-        if rank_state is not None:
-            set_rng_state(rank_state["rng"])
-        else:
-            seed_all(mix_seed(self.cfg.seed, self.step, self.rank))
-        data = (rank_state or self.ckpt.rank_state(tag, 0))["data"]
-        position = data["loader"]
-        if position.get("order") == "global":
-            if self.rank == 0:
-                log.info(
-                    "elastic resume: the data continue at epoch %d + %d samples (global order) on %d ranks",
-                    position["epoch"], position["samples"], self.world,
-                )  # fmt: skip
-            return data["epoch"], position
-        epoch, batch, batches = position["epoch"], position["batch"], position.get("batches_per_epoch")
-        if batch == 0:
-            return epoch, None
-        if self.rank == 0 and (batches is None or batch < batches):
-            left = "" if batches is None else f"its last {batches - batch} batches per rank "
-            log.warning(
-                "elastic resume: %d -> %d ranks mid-epoch %d (batch %d per rank): the data plan of an epoch "
-                "depends on the world size, so the run continues at the start of epoch %d and %sof epoch %d "
-                "are not read",
-                saved_world, self.world, epoch, batch, epoch + 1, left or "the rest ", epoch,
-            )  # fmt: skip
-        return epoch + 1, None
 
     def _open_logs(self, hparams: dict, hparam_metrics: list[str]) -> None:
         """Write config.yaml; open TensorBoard (appending on resume), with hparams on a fresh run."""
