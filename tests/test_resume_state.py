@@ -1,5 +1,6 @@
 """The resume helpers alone (``pvt_dist/engine/resume.py``): RNG round trip, the global-batch guard and the
-data position of an elastic resume. The end-to-end resumes are in test_elastic_resume.py and test_resume.py.
+data position of an elastic resume. The end-to-end resumes are in test_elastic_resume.py; test_faults.py
+checks the guard's refusal on a real relaunch.
 """
 
 from __future__ import annotations
